@@ -1,0 +1,193 @@
+"""Self-attention context for streaming: 3-axis RoPE, the dual-anchor KV cache, and attention masks.
+
+Keys/values of one streaming forward are assembled as
+
+    [ style anchor | temporal cache | window ]
+      1 frame        <= T frames      F frames
+
+Every key is stored *pre-RoPE* and rotated on the fly at a frame position *relative to the current
+window*: the temporal frames sit at 0..n_t-1, the window at n_t..n_t+F-1, and the style anchor at the
+virtual index ``d`` (= u_i + d with u_i the first frame of [temporal | window], so u_i = 0 here).
+Attention under RoPE depends only on position differences, so this equals absolute positions while
+the numbers never grow: streams are unbounded (no 1024-frame table).  With ``rope_reindex=False``
+(ablation) the anchor keeps absolute position 0, i.e. relative position -u_i, drifting away.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+class RotaryEmbedding:
+    """Wan2.1 3-axis RoPE: head dim split into frame/height/width parts (44/42/42 for head dim 128)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        assert head_dim % 2 == 0
+        d6 = head_dim // 6
+        self.axis_dims = (head_dim - 4 * d6, 2 * d6, 2 * d6)  # real dims per axis
+        self.inv_freq = [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.axis_dims]
+        self._cache: dict = {}
+
+    def __call__(self, frame_pos: torch.Tensor, h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [F*h*w, head_dim/2] for frames at positions ``frame_pos`` [F] on an h x w grid."""
+        key = (tuple(frame_pos.tolist()), h, w, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        pos = frame_pos.to(torch.float64)
+        f_ang = pos[:, None] * self.inv_freq[0]                                   # [F, 22]
+        h_ang = torch.arange(h, dtype=torch.float64)[:, None] * self.inv_freq[1]  # [h, 21]
+        w_ang = torch.arange(w, dtype=torch.float64)[:, None] * self.inv_freq[2]  # [w, 21]
+        nf = len(pos)
+        ang = torch.cat([
+            f_ang[:, None, None, :].expand(nf, h, w, -1),
+            h_ang[None, :, None, :].expand(nf, h, w, -1),
+            w_ang[None, None, :, :].expand(nf, h, w, -1),
+        ], dim=-1).reshape(nf * h * w, -1)
+        out = (ang.cos().float().to(device), ang.sin().float().to(device))
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = out
+        return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[..., 2i], x[..., 2i+1]) as Wan's complex multiply.  x: [B, S, H, D]."""
+    xf = x.float().unflatten(-1, (-1, 2))          # [B, S, H, D/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on [B, S, H, D] tensors; ``mask`` is a boolean [S_q, S_k] (True = may attend) or None."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+@dataclass
+class KV:
+    """Pre-RoPE keys and values of some frames, per layer: lists of [B, frames*tokens_per_frame, H, D]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    frames: int
+
+    def tail(self, frames: int, tokens_per_frame: int) -> "KV":
+        if frames >= self.frames:
+            return self
+        n = frames * tokens_per_frame
+        return KV([k[:, -n:] for k in self.k], [v[:, -n:] for v in self.v], frames)
+
+    @staticmethod
+    def cat(a: "KV | None", b: "KV") -> "KV":
+        if a is None or a.frames == 0:
+            return b
+        return KV([torch.cat([x, y], 1) for x, y in zip(a.k, b.k)],
+                  [torch.cat([x, y], 1) for x, y in zip(a.v, b.v)], a.frames + b.frames)
+
+    def detach(self) -> "KV":
+        return KV([k.detach() for k in self.k], [v.detach() for v in self.v], self.frames)
+
+
+@dataclass
+class CacheConfig:
+    temporal_frames: int = 2       # temporal-anchor budget (latent frames)
+    style_anchor: bool = True
+    temporal_anchor: bool = True
+    rope_reindex: bool = True
+    anchor_offset: int = -1        # d
+    zero_anchor_audio: bool = True
+    context_noise: float = 0.0     # timestep of the clean re-run
+
+    @classmethod
+    def from_config(cls, cfg) -> "CacheConfig":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class StreamCache:
+    """Everything a stream carries between steps besides the window itself.
+
+    anchor:   pre-RoPE K/V of the reference frame (one prefill at t=0 with zero audio)
+    temporal: pre-RoPE K/V of the most recently emitted clean frames (<= temporal_frames)
+    text:     cross-attention K/V of the prompt, computed once per stream
+    next_frame: absolute latent index of the frame right after the temporal cache (= the window start)
+    """
+
+    cfg: CacheConfig
+    tokens_per_frame: int
+    grid: tuple[int, int]                  # (h, w) token grid of one latent frame
+    text: list | None = None
+    anchor: KV | None = None
+    temporal: KV | None = None
+    next_frame: int = 1
+
+    def context(self) -> tuple[KV | None, torch.Tensor]:
+        """K/V prepended to the window's own, and their frame positions relative to the window's context."""
+        parts, pos = [], []
+        n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
+        if self.anchor is not None and self.cfg.style_anchor:
+            parts.append(self.anchor)
+            u_abs = self.next_frame - n_t                       # absolute index of the first [temporal|window] frame
+            pos.append(self.cfg.anchor_offset if self.cfg.rope_reindex else -u_abs)
+        if n_t:
+            parts.append(self.temporal)
+            pos.extend(range(n_t))
+        kv = None
+        for p in parts:
+            kv = KV.cat(kv, p)
+        return kv, torch.tensor(pos, dtype=torch.long)
+
+    def window_positions(self, num_frames: int) -> torch.Tensor:
+        n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
+        return torch.arange(n_t, n_t + num_frames)
+
+    def push_temporal(self, kv: KV) -> None:
+        """Append the clean re-run's K/V of an emitted block and keep the last ``temporal_frames`` frames."""
+        self.next_frame += kv.frames
+        if not self.cfg.temporal_anchor or self.cfg.temporal_frames <= 0:
+            return
+        kv = kv.detach()
+        merged = KV.cat(self.temporal, kv).tail(self.cfg.temporal_frames, self.tokens_per_frame)
+        # Own the storage: slices of a larger tensor would keep the whole block alive.
+        self.temporal = KV([k.contiguous() for k in merged.k], [v.contiguous() for v in merged.v], merged.frames)
+
+    def nbytes(self) -> int:
+        total = 0
+        for kv in (self.anchor, self.temporal):
+            if kv is not None:
+                total += sum(t.numel() * t.element_size() for t in kv.k + kv.v)
+        if self.text is not None:
+            total += sum(t.numel() * t.element_size() for kv in self.text for t in kv)
+        return total
+
+
+def frame_mask(groups: list[int], allowed: list[list[int]], tokens_per_frame: int) -> torch.Tensor:
+    """Token-level boolean mask from a frame-group structure.
+
+    ``groups[g]`` is the number of frames in group g (in sequence order); ``allowed[g]`` lists the groups
+    that group g's queries may attend to.  Used for block-causal training and as the oracle in tests.
+    """
+    sizes = [g * tokens_per_frame for g in groups]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    for g, targets in enumerate(allowed):
+        for t in targets:
+            mask[starts[g]:starts[g] + sizes[g], starts[t]:starts[t] + sizes[t]] = True
+    return mask
+
+
+def block_causal_groups(num_frames: int, block_frames: int, first_frame_alone: bool = True) -> tuple[list[int], list[list[int]]]:
+    """Groups for a block-causal mask: [frame 0] + blocks of ``block_frames``; each group sees itself and earlier ones."""
+    groups = [1] if first_frame_alone else []
+    rest = num_frames - (1 if first_frame_alone else 0)
+    while rest > 0:
+        groups.append(min(block_frames, rest))
+        rest -= groups[-1]
+    allowed = [list(range(g + 1)) for g in range(len(groups))]
+    return groups, allowed

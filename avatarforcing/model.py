@@ -1,0 +1,364 @@
+"""The Wan2.1 DiT with per-frame timesteps, audio injection and a streaming KV context.
+
+Parameter names are Wan2.1's own (``wan/modules/model.py``) plus the AvatarForcing audio modules
+(``audio_proj``, ``audio_cond_projs``), so released checkpoints load without renaming tables
+(see avatarforcing/checkpoint.py).  One model class serves every role:
+
+* streaming student: ``forward(x_window, t, audio, text, cache=StreamCache)`` attends to
+  [style anchor | temporal cache | window] (avatarforcing/attention.py),
+* bidirectional teacher / critic: ``forward(x, t, audio, text)`` over a whole clip,
+* block-causal or any structured attention: ``forward(..., mask=..., frame_pos=...)``.
+
+Shapes: latents [B, C, F, H, W]; tokens [B, S, dim] with S = F * h * w, h = H/2, w = W/2 (patch 1x2x2);
+per-frame modulation e [B, F, 6, dim]; audio features per latent frame [B, F, audio_dim].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from einops import rearrange
+
+from .attention import KV, RotaryEmbedding, StreamCache, apply_rope, attention
+
+
+@dataclass
+class DiTConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    num_heads: int = 12
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    in_dim: int = 33
+    out_dim: int = 16
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_theta: float = 10000.0
+    audio_dim: int = 43008
+    audio_proj_dim: int = 32
+    audio_layers: tuple = (2, 15)          # inclusive range of blocks that receive audio
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "DiTConfig":
+        kw = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}
+        kw["patch_size"] = tuple(kw.get("patch_size", cls.patch_size))
+        kw["audio_layers"] = tuple(kw.get("audio_layers", cls.audio_layers))
+        return cls(**kw)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def audio_block_ids(self) -> list[int]:
+        lo, hi = self.audio_layers
+        return list(range(lo, min(hi, self.num_layers - 1) + 1))
+
+
+PRESETS = {
+    "wan2.1-1.3b": DiTConfig(),
+    "tiny": DiTConfig(dim=64, ffn_dim=128, num_layers=4, num_heads=4, freq_dim=32, text_dim=32, text_len=8,
+                      audio_dim=4 * 16, audio_proj_dim=8, audio_layers=(1, 2)),
+}
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    half = dim // 2
+    position = position.to(torch.float64)
+    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half, dtype=torch.float64,
+                                                                       device=position.device).div(half)))
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
+
+
+class WanRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x, rope, ctx=None, mask=None):
+        """x [B, S, dim]; rope (cos, sin) for x's tokens; ctx (k_rotated, v) to prepend, [B, S_c, H, D].
+
+        Returns the output and this call's pre-RoPE (k, v), which the stream caches."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        v = self.v(x).unflatten(-1, (self.num_heads, self.head_dim))
+        q_r, k_r = apply_rope(q, *rope), apply_rope(k, *rope)
+        if ctx is not None:
+            k_all, v_all = torch.cat([ctx[0], k_r], 1), torch.cat([ctx[1], v], 1)
+        else:
+            k_all, v_all = k_r, v
+        out = attention(q_r, k_all, v_all, mask)
+        return self.o(out.flatten(2)), k, v
+
+
+class WanCrossAttention(nn.Module):
+    """Text cross-attention (Wan T2V); its K/V depend only on the prompt and are computed once per stream."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def kv(self, context):
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, self.head_dim))
+        v = self.v(context).unflatten(-1, (self.num_heads, self.head_dim))
+        return k, v
+
+    def forward(self, x, kv):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.o(attention(q, kv[0], kv[1]).flatten(2))
+
+
+def _modulate(x, shift, scale, frames: int):
+    """adaLN per latent frame: x [B, F*T, C], shift/scale [B, F, C]."""
+    x = x.unflatten(1, (frames, -1))
+    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+
+
+def _gate(y, gate, frames: int):
+    return (y.unflatten(1, (frames, -1)) * gate[:, :, None]).flatten(1, 2)
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e, rope, text_kv, ctx=None, mask=None):
+        """x [B, S, C]; e [B, F, 6, C] per-frame modulation."""
+        frames = e.shape[1]
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (
+            (self.modulation.float()[:, None] + e.float()).unbind(2))               # each [B, F, C]
+        y, k, v = self.self_attn(_modulate(self.norm1(x).float(), shift_msa, scale_msa, frames).type_as(x),
+                                 rope, ctx, mask)
+        x = x + _gate(y.float(), gate_msa, frames).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), text_kv)
+        y = self.ffn(_modulate(self.norm2(x).float(), shift_ffn, scale_ffn, frames).type_as(x))
+        x = x + _gate(y.float(), gate_ffn, frames).type_as(x)
+        return x, k, v
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        """e [B, F, C] (time embedding before the 6-way projection)."""
+        shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)
+        return self.head(_modulate(self.norm(x).float(), shift, scale, e.shape[1]).type_as(x))
+
+
+class AudioProjection(nn.Module):
+    """Per-latent-frame audio (4 video frames x features) -> a small code; names match the release."""
+
+    def __init__(self, audio_dim: int, out_dim: int = 32):
+        super().__init__()
+        self.proj = nn.Linear(audio_dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+
+    def forward(self, a):
+        return self.norm_out(self.proj(a))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.audio_proj = AudioProjection(cfg.audio_dim, cfg.audio_proj_dim)
+        self.audio_cond_projs = nn.ModuleList([nn.Linear(cfg.audio_proj_dim, dim) for _ in cfg.audio_block_ids])
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.init_weights()
+
+    def init_weights(self):
+        """Wan's init: xavier for linears, zero output head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in self.text_embedding.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for m in self.time_embedding.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    @property
+    def dtype(self):
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self):
+        return self.patch_embedding.weight.device
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens of one latent frame of size height x width (latent pixels)."""
+        _, ph, pw = self.cfg.patch_size
+        return (height // ph) * (width // pw)
+
+    # ---- conditioning -------------------------------------------------------------------------
+    def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prompt embeddings [B, L, text_dim] -> per-block cross-attention (k, v)."""
+        c = self.text_embedding(context.to(self.dtype))
+        return [blk.cross_attn.kv(c) for blk in self.blocks]
+
+    def time_embed(self, t: torch.Tensor, frames: int, batch: int):
+        """t [B] or [B, F] -> e [B, F, C], e0 [B, F, 6, C] (float32)."""
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, frames)
+        with torch.autocast(self.device.type, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding_1d(self.cfg.freq_dim, t.reshape(-1)).float().to(
+                self.time_embedding[0].weight.dtype)).float()
+            e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        return e.view(batch, frames, -1), e0.view(batch, frames, 6, -1)
+
+    def audio_codes(self, audio: torch.Tensor | None, batch: int, frames: int):
+        """audio [B, F, audio_dim] (None = zeros) -> per injected block [B, F, dim]."""
+        if audio is None:
+            audio = torch.zeros(batch, frames, self.cfg.audio_dim, device=self.device, dtype=self.dtype)
+        a = self.audio_proj(audio.to(self.dtype))
+        return [proj(a) for proj in self.audio_cond_projs]
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x, t, audio=None, text=None, *, cache: StreamCache | None = None, frame_pos=None,
+                mask=None, return_kv: bool = False, skip_head: bool = False):
+        """Predict the flow v = eps - x0.
+
+        x: [B, in_dim, F, H, W] (noisy latent | reference latent | mask channels)
+        t: [B, F] per-frame timesteps (or [B])
+        audio: [B, F, audio_dim] per latent frame, or None for zero audio
+        text: prompt embeddings [B, L, text_dim], precomputed ``text_kv``, or None (cache.text is used)
+        cache: attend to [style anchor | temporal cache | x] with window-relative RoPE
+        frame_pos: [F] RoPE frame positions (default 0..F-1; ignored with a cache)
+        mask: boolean token mask [S, S] for structured attention without a cache
+        return_kv: also return this call's pre-RoPE K/V per block (for the cache)
+        """
+        B, _, Fn, H, W = x.shape
+        _, ph, pw = self.cfg.patch_size
+        h, w = H // ph, W // pw
+        tokens = self.patch_embedding(x.to(self.dtype))                       # [B, C, F, h, w]
+        tokens = rearrange(tokens, "b c f h w -> b (f h w) c")
+        e, e0 = self.time_embed(t, Fn, B)
+
+        if text is None:
+            text_kv = cache.text if cache is not None else None
+            if text_kv is None:
+                raise ValueError("text conditioning missing: pass text embeddings or a cache with text K/V")
+        elif isinstance(text, torch.Tensor):
+            text_kv = self.text_kv(text)
+        else:
+            text_kv = text
+
+        ctx_kv, ctx_rope = None, None
+        if cache is not None:
+            ctx_kv, ctx_pos = cache.context()
+            frame_pos = cache.window_positions(Fn)
+            if ctx_kv is not None:
+                ctx_rope = self.rope(ctx_pos, h, w, self.device)
+        elif frame_pos is None:
+            frame_pos = torch.arange(Fn)
+        rope = self.rope(torch.as_tensor(frame_pos), h, w, self.device)
+
+        codes = self.audio_codes(audio, B, Fn)
+        audio_at = {blk_id: i for i, blk_id in enumerate(self.cfg.audio_block_ids)}
+        ks, vs = [], []
+        for i, blk in enumerate(self.blocks):
+            if i in audio_at:   # additive per-frame audio, broadcast over the frame's tokens
+                tokens = (tokens.unflatten(1, (Fn, -1)) + codes[audio_at[i]][:, :, None]).flatten(1, 2)
+            ctx = None
+            if ctx_kv is not None:
+                ctx = (apply_rope(ctx_kv.k[i], *ctx_rope), ctx_kv.v[i])
+            if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+                tokens, k, v = torch.utils.checkpoint.checkpoint(blk, tokens, e0, rope, text_kv[i], ctx, mask,
+                                                                 use_reentrant=False)
+            else:
+                tokens, k, v = blk(tokens, e0, rope, text_kv[i], ctx, mask)
+            if return_kv:
+                ks.append(k)
+                vs.append(v)
+
+        out = None
+        if not skip_head:
+            out = self.head(tokens, e)                                         # [B, S, out*p]
+            out = rearrange(out, "b (f h w) (pf ph pw c) -> b c (f pf) (h ph) (w pw)", f=Fn, h=h, w=w,
+                            pf=self.cfg.patch_size[0], ph=ph, pw=pw)
+        if return_kv:
+            return out, KV(ks, vs, Fn)
+        return out
+
+
+def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int) -> torch.Tensor:
+    """Channel conditioning: [noisy (16) | reference latent repeated (16) | mask (1)] -> in_dim 33.
+
+    noisy [B, 16, F, h, w] holds absolute latent frames first_frame..first_frame+F-1; ref [B, 16, 1, h, w].
+    The mask channel is 0 at absolute frame 0 (the reference) and 1 elsewhere (SPEC section 3).
+    """
+    B, _, Fn, h, w = noisy.shape
+    y = ref.to(noisy.dtype).expand(B, -1, Fn, h, w)
+    m = torch.ones(B, 1, Fn, h, w, dtype=noisy.dtype, device=noisy.device)
+    if first_frame == 0:
+        m[:, :, 0] = 0
+    return torch.cat([noisy, y, m], dim=1)
+
+
+def build_model(cfg_model) -> WanDiT:
+    """Build from the ``model:`` config section (or a DiTConfig / preset name)."""
+    if isinstance(cfg_model, str):
+        return WanDiT(PRESETS[cfg_model])
+    if isinstance(cfg_model, DiTConfig):
+        return WanDiT(cfg_model)
+    return WanDiT(DiTConfig.from_config(cfg_model))

@@ -1,0 +1,149 @@
+"""The streaming sampler B_{L,N} (paper Algorithm 1) on latents.
+
+:class:`StreamingSampler` owns one stream: the reference latent, the dual-anchor cache, the blocks in
+the window and the noise source.  ``step()`` runs one streaming step of the :class:`WindowSchedule`:
+
+1. append fresh noise for the block that enters the window;
+2. N times: one joint forward over the window (per-frame timesteps, window-aligned audio, anchors in
+   the cache), x0 = x_t - sigma * v; every block not yet at its last level is re-noised with fresh
+   noise to its next level;
+3. emit the oldest block's x0 when it reached the last level, and write the temporal cache with a
+   clean re-run of it (t = context_noise).
+
+Per-step compute and memory depend only on B, L, N and the cache budget, never on the stream length.
+The same object is used by the DMD rollout (``grad=True`` on the steps that backpropagate).
+
+Latent frame indices are absolute: frame 0 is the reference, block b covers 1+bB .. (b+1)B.
+Audio is pulled from a callable ``audio(start, stop) -> [B, stop-start, audio_dim]`` (None = zeros)
+so a live source can block until the window's audio has arrived.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .attention import CacheConfig, StreamCache
+from .model import WanDiT, i2v_input
+from .schedule import StreamStep, WindowSchedule, add_noise, flow_to_x0
+
+AudioSource = Callable[[int, int], torch.Tensor]
+
+
+class NoiseSource:
+    """Gaussian noise keyed by (block, level): results do not depend on the order of draws."""
+
+    def __init__(self, seed: int, device=None, dtype=torch.float32):
+        self.seed, self.device, self.dtype = int(seed), torch.device(device or "cpu"), dtype
+
+    def __call__(self, block: int, level: int, shape) -> torch.Tensor:
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.seed * 1_000_003 + block * 1_009 + level * 7 + 1) % (2 ** 63))
+        return torch.randn(shape, generator=g, device=self.device, dtype=torch.float32).to(self.dtype)
+
+
+class StreamingSampler:
+    """One stream of B_{L,N} windows with the dual-anchor KV cache."""
+
+    def __init__(self, model: WanDiT, schedule: WindowSchedule, cache_cfg: CacheConfig, ref_latent: torch.Tensor,
+                 text: torch.Tensor | list, audio: AudioSource | None = None, noise: NoiseSource | None = None,
+                 num_blocks: int | None = None):
+        """ref_latent [B, 16, 1, h, w]; text: prompt embeddings [B, L, text_dim] or ``model.text_kv`` output."""
+        self.model, self.schedule, self.cfg = model, schedule, cache_cfg
+        self.ref = ref_latent.to(model.device, model.dtype)
+        self.batch, self.channels, _, self.h, self.w = self.ref.shape
+        self.audio = audio
+        self.noise = noise or NoiseSource(0, model.device, model.dtype)
+        self.num_blocks = num_blocks
+        self.plan: Iterator[StreamStep] = schedule.plan(num_blocks)
+        self.window: dict[int, torch.Tensor] = {}      # block -> current noisy latent [B, 16, B, h, w]
+        with torch.no_grad():
+            text_kv = model.text_kv(text) if isinstance(text, torch.Tensor) else text
+        self.cache = StreamCache(cache_cfg, model.tokens_per_frame(self.h, self.w), (self.h, self.w), text=text_kv)
+        if cache_cfg.style_anchor:
+            self._prefill_anchor(None)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def block_frames(self, block: int) -> tuple[int, int]:
+        B = self.schedule.B
+        return 1 + block * B, 1 + (block + 1) * B
+
+    def _audio(self, start: int, stop: int) -> torch.Tensor | None:
+        if self.audio is None:
+            return None
+        a = self.audio(start, stop)
+        return a.to(self.model.device, self.model.dtype)
+
+    @torch.no_grad()
+    def _prefill_anchor(self, audio: torch.Tensor | None) -> None:
+        """Style anchor: the reference frame at t=0 (zero audio unless the ablation gives it the window's)."""
+        t = torch.zeros(self.batch, 1, device=self.model.device)
+        _, kv = self.model(i2v_input(self.ref, self.ref, 0), t, audio, self.cache.text, return_kv=True, skip_head=True)
+        self.cache.anchor = kv
+
+    # ---- one streaming step --------------------------------------------------------------------
+    def step(self, grad: bool = False) -> dict | None:
+        """Run the next streaming step.  Returns None when the stream is finished, else a dict with
+        ``step`` (StreamStep), ``x0`` {block: x0 prediction of the last pass} and ``emitted`` (block, x0) or None."""
+        step = next(self.plan, None)
+        if step is None:
+            return None
+        sch, model = self.schedule, self.model
+        B = sch.B
+        for blk, age in zip(step.blocks, step.ages):
+            if age == 0:
+                self.window[blk] = self.noise(blk, 0, (self.batch, self.channels, B, self.h, self.w))
+        first, _ = self.block_frames(step.blocks[0])
+        _, stop = self.block_frames(step.blocks[-1])
+        audio = self._audio(first, stop)
+        if not self.cfg.zero_anchor_audio and self.cfg.style_anchor:
+            # Ablation: the anchor receives the audio of the window's first latent frame.
+            self._prefill_anchor(None if audio is None else audio[:, :1])
+
+        x0 = {}
+        for n in range(sch.N):
+            levels = [sch.level(age, n) for age in step.ages]
+            x = torch.cat([self.window[b] for b in step.blocks], dim=2)
+            t = torch.tensor([sch.timesteps[l] for l in levels for _ in range(B)], device=model.device)
+            sigma = torch.tensor([sch.sigmas[l] for l in levels for _ in range(B)], device=model.device)
+            t, sigma = t.expand(self.batch, -1), sigma.expand(self.batch, -1)
+            with torch.set_grad_enabled(grad):
+                flow = model(i2v_input(x, self.ref, first), t, audio, cache=self.cache)
+                pred = flow_to_x0(x, flow, sigma)
+            for i, (blk, level) in enumerate(zip(step.blocks, levels)):
+                x0[blk] = pred[:, :, i * B:(i + 1) * B]
+                if level + 1 < sch.num_levels:
+                    eps = self.noise(blk, level + 1, x0[blk].shape)
+                    self.window[blk] = add_noise(x0[blk].detach(), eps, sch.sigmas[level + 1])
+
+        emitted = None
+        if step.emits is not None:
+            blk = step.emits
+            emitted = (blk, x0[blk])
+            del self.window[blk]
+            self._write_temporal(blk, x0[blk].detach(), audio[:, :B] if audio is not None else None)
+        return {"step": step, "x0": x0, "emitted": emitted}
+
+    @torch.no_grad()
+    def _write_temporal(self, block: int, clean: torch.Tensor, audio: torch.Tensor | None) -> None:
+        """Clean re-run of the emitted block: its K/V become the temporal anchor."""
+        if not self.cfg.temporal_anchor or self.cfg.temporal_frames <= 0:
+            self.cache.next_frame += clean.shape[2]
+            return
+        first, _ = self.block_frames(block)
+        tc = float(self.cfg.context_noise)
+        x = clean
+        if tc > 0:
+            x = add_noise(clean, self.noise(block, -1, clean.shape), tc / self.schedule.noise.num_train_timesteps)
+        t = torch.full((self.batch, clean.shape[2]), tc, device=self.model.device)
+        _, kv = self.model(i2v_input(x, self.ref, first), t, audio, cache=self.cache, return_kv=True, skip_head=True)
+        self.cache.push_temporal(kv)
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (block, x0 [B, 16, B, h, w]) for every emitted block, in order."""
+        while True:
+            out = self.step()
+            if out is None:
+                return
+            if out["emitted"] is not None:
+                yield out["emitted"]
