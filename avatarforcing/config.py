@@ -36,10 +36,11 @@ _REFERENCE_KEYS = {
     "height": "inference.height",
     "width": "inference.width",
     "fps": "inference.fps",
+    "generator_ckpt": "inference.checkpoint",
 }
 # Reference keys that carry no meaning for us (training infra of the peers, paths we take from CLI).
 _REFERENCE_IGNORED = {
-    "model_kwargs", "generator_ckpt", "real_name", "fake_name", "generator_name", "i2v",
+    "model_kwargs", "real_name", "fake_name", "generator_name", "i2v",
     "warp_denoising_step", "mixed_precision", "sharding_strategy", "text_encoder_fsdp_wrap_strategy",
     "generator_fsdp_wrap_strategy", "real_score_fsdp_wrap_strategy", "fake_score_fsdp_wrap_strategy",
     "wandb_host", "wandb_key", "wandb_entity", "wandb_project", "wandb_name", "logdir", "config_name",

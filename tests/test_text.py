@@ -1,0 +1,155 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from avatarforcing import AvatarForcingError
+from avatarforcing.text import (WAN_T5_FILE, TextEncoder, build_text_encoder, transformers_to_wan_key,
+                                wan_t5_to_transformers)
+
+WORDS = "a person talking to the camera woman man smiling speaking in front of studio light".split()
+
+
+def save_tiny_tokenizer(folder):
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def tiny_umt5():
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+    return UMT5EncoderModel(cfg).eval()
+
+
+def to_wan_layout(model):
+    return {transformers_to_wan_key(k): v.clone() for k, v in model.state_dict().items()}
+
+
+def wan_t5_reference(sd, ids, mask, num_heads, num_buckets=32, max_dist=128):
+    """The original Wan T5Encoder forward (wan/modules/t5.py), written against original key names."""
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def bucket(rel):  # bidirectional relative position buckets
+        nb = num_buckets // 2
+        out = (rel > 0).long() * nb
+        rel = rel.abs()
+        exact = nb // 2
+        large = exact + (torch.log(rel.float() / exact) / math.log(max_dist / exact) * (nb - exact)).long()
+        return out + torch.where(rel < exact, rel, large.clamp(max=nb - 1))
+
+    b, n = ids.shape
+    x = sd["token_embedding.weight"][ids]
+    rel = torch.arange(n)[None] - torch.arange(n)[:, None]
+    num_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(num_layers):
+        p = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
+        bias = p("pos_embedding.embedding.weight")[bucket(rel)].permute(2, 0, 1)[None]  # [1, heads, n, n]
+        bias = bias.masked_fill(mask.view(b, 1, 1, n) == 0, torch.finfo(x.dtype).min)
+        h = norm(x, p("norm1.weight"))
+        q, k, v = (F.linear(h, p(f"attn.{c}.weight")).view(b, n, num_heads, -1) for c in "qkv")
+        attn = (torch.einsum("binc,bjnc->bnij", q, k) + bias).softmax(-1)
+        x = x + F.linear(torch.einsum("bnij,bjnc->binc", attn, v).reshape(b, n, -1), p("attn.o.weight"))
+        h = norm(x, p("norm2.weight"))
+        gate = F.gelu(F.linear(h, p("ffn.gate.0.weight")), approximate="tanh")
+        x = x + F.linear(F.linear(h, p("ffn.fc1.weight")) * gate, p("ffn.fc2.weight"))
+    return norm(x, sd["norm.weight"])
+
+
+@pytest.fixture()
+def wan_folder(tmp_path):
+    model = tiny_umt5()
+    torch.save(to_wan_layout(model), tmp_path / WAN_T5_FILE)
+    save_tiny_tokenizer(tmp_path / "google" / "umt5-xxl")
+    return tmp_path, model
+
+
+def test_mapping_roundtrip_is_complete():
+    model = tiny_umt5()
+    converted, unknown = wan_t5_to_transformers(to_wan_layout(model))
+    assert not unknown and set(converted) == set(model.state_dict())
+
+
+def test_wan_checkpoint_loads_and_matches_original_forward(wan_folder):
+    folder, model = wan_folder
+    cfg = OmegaConf.create({"encoder": "umt5", "path": str(folder)})
+    enc = build_text_encoder(cfg, text_dim=32, text_len=16)
+    prompts = ["a woman talking to the camera", "a  man &amp; smiling", "a woman talking to the camera"]
+    emb = enc.encode(prompts)
+    assert emb.shape == (3, 16, 32)
+    assert torch.equal(emb[0], emb[2])
+    # prompt 0: 6 words + </s> = 7 real tokens, then zeros
+    assert (emb[0, :7].abs().sum(-1) > 0).all() and (emb[0, 7:] == 0).all()
+    # identical to the transformers model on the same tokens ...
+    tok = enc.tokenizer(["a woman talking to the camera"], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**tok).last_hidden_state[0]
+    assert torch.allclose(emb[0, :7], ref, atol=1e-6)
+    # ... and to the original Wan forward, proving the key mapping (html unescaped, whitespace collapsed)
+    tok = enc.tokenizer(["a woman talking to the camera", "a man & smiling"], padding=True, return_tensors="pt")
+    wan = wan_t5_reference(to_wan_layout(model), tok.input_ids, tok.attention_mask, num_heads=4)
+    assert torch.allclose(emb[0, :7], wan[0], atol=1e-5)
+    assert torch.allclose(emb[1, :5], wan[1, :5], atol=1e-5) and (emb[1, 5:] == 0).all()
+
+
+def test_cache_avoids_recompute(wan_folder):
+    folder, _ = wan_folder
+    enc = TextEncoder.from_wan_checkpoint(folder / WAN_T5_FILE, folder / "google" / "umt5-xxl", text_len=16)
+    calls = []
+    enc.model.register_forward_hook(lambda *a: calls.append(1))
+    a = enc.encode(["a person speaking"])
+    b = enc.encode(["a person speaking", "a person speaking"])
+    assert len(calls) == 1 and torch.equal(a[0], b[1])
+
+
+def test_transformers_folder_and_truncation(tmp_path):
+    model = tiny_umt5()
+    model.save_pretrained(tmp_path / "t5")
+    save_tiny_tokenizer(tmp_path / "t5")
+    enc = build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(tmp_path / "t5")}), 32, text_len=4)
+    emb = enc.encode(["a person talking to the camera in front of studio light"])
+    assert emb.shape == (1, 4, 32) and (emb[0].abs().sum(-1) > 0).all()  # truncated to text_len
+
+
+def test_none_backend():
+    enc = build_text_encoder(OmegaConf.create({"encoder": "none", "path": None}), text_dim=24, text_len=8)
+    emb = enc.encode(["anything", "else"])
+    assert emb.shape == (2, 8, 24) and (emb == 0).all()
+    assert enc.encode("one").shape == (1, 8, 24)
+
+
+def test_errors(wan_folder, tmp_path):
+    folder, model = wan_folder
+    tok_dir = folder / "google" / "umt5-xxl"
+    sd = to_wan_layout(model)
+    sd.pop("blocks.1.attn.k.weight")
+    sd["blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(AvatarForcingError, match=r"broken\.pth.*blocks\.1\.attn\.k\.weight.*blocks\.0\.extra\.weight"):
+        TextEncoder.from_wan_checkpoint(tmp_path / "broken.pth", tok_dir)
+    sd = to_wan_layout(model)
+    sd["blocks.1.attn.k.weight"] = torch.zeros(16, 32)
+    torch.save(sd, tmp_path / "shape.pth")
+    with pytest.raises(AvatarForcingError, match="shapes"):
+        TextEncoder.from_wan_checkpoint(tmp_path / "shape.pth", tok_dir)
+    with pytest.raises(AvatarForcingError, match="not found"):
+        TextEncoder.from_wan_checkpoint(tmp_path / "missing.pth", tok_dir)
+    with pytest.raises(AvatarForcingError, match="tokenizer folder not found"):
+        TextEncoder.from_wan_checkpoint(folder / WAN_T5_FILE, tmp_path / "no_tok")
+    cfg = OmegaConf.create({"encoder": "umt5", "path": None})
+    with pytest.raises(AvatarForcingError, match="text.path is not set"):
+        build_text_encoder(cfg, 32)
+    with pytest.raises(AvatarForcingError, match="does not match model.text_dim"):
+        build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(folder)}), text_dim=4096)
+    with pytest.raises(AvatarForcingError, match="holds no umT5"):
+        build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(tmp_path / "empty")}), 32)
