@@ -1,0 +1,174 @@
+"""Talking-face clips of the synthetic world, and a resumable on-disk dataset of them.
+
+On disk (``write_world``), per clip ``clip_XXXXX``:
+  .mp4   H.264 video at 25 fps with the speech muxed in (AAC)
+  .wav   the speech, 16 kHz mono 16-bit (use this, not the mp4's lossy track, for training)
+  .json  ground truth: identity parameters, mouth_open, head_pose, blink, envelope, settings
+and ``index.csv`` with columns video, audio, caption (paths relative to the csv's folder).
+The json is written last, so a clip is complete exactly when its json exists.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import AvatarForcingError
+from .render import Identity, Motion, render, sample_identity, sample_motion
+from .speech import FPS, SAMPLE_RATE, num_video_frames, synth_speech
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray       # uint8 [T, H, W, 3]
+    wav: np.ndarray          # float32 [N], 16 kHz
+    identity: Identity
+    motion: Motion
+    envelope: np.ndarray     # float32 [T]
+    seed: int
+    fps: int = FPS
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def caption(self) -> str:
+        return self.identity.caption()
+
+
+def clip_seed(world_seed: int, index: int) -> int:
+    """Seed of clip ``index`` in the world made from ``world_seed``."""
+    return int(np.random.SeedSequence([world_seed, index]).generate_state(1)[0])
+
+
+def generate_clip(seed: int, seconds: float, size: int = 64) -> Clip:
+    """One talking clip: identity, speech and motion all drawn from ``seed``.
+
+    Prefix-consistent: a shorter clip from the same seed is the start of a longer one."""
+    speech = synth_speech(seconds, seed)
+    T = num_video_frames(seconds)
+    identity = sample_identity(seed)
+    motion = sample_motion(T, seed, speech.envelope)
+    frames = render(identity, motion.mouth_open, motion.head_pose, motion.blink, size=size)
+    return Clip(frames=frames, wav=speech.wav, identity=identity, motion=motion,
+                envelope=speech.envelope, seed=seed)
+
+
+def sample_reference(seed: int, size: int = 64) -> np.ndarray:
+    """Frame 0 of any clip made from ``seed`` (mouth closed, eyes open) -> uint8 [H, W, 3]."""
+    return generate_clip(seed, 0.2, size).frames[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# on disk
+
+
+def _round(a, digits=5):
+    return np.round(np.asarray(a, dtype=np.float64), digits).tolist()
+
+
+def ground_truth(clip: Clip, size: int, seconds: float, world_seed: int | None, index: int | None) -> dict:
+    return dict(version=FORMAT_VERSION, seed=clip.seed, world_seed=world_seed, index=index, size=size,
+                seconds=seconds, fps=clip.fps, sample_rate=clip.sample_rate, num_frames=len(clip.frames),
+                caption=clip.caption, identity=clip.identity.to_dict(),
+                mouth_open=_round(clip.motion.mouth_open), head_pose=_round(clip.motion.head_pose),
+                blink=_round(clip.motion.blink), envelope=_round(clip.envelope))
+
+
+def load_ground_truth(json_path: os.PathLike | str) -> tuple[Identity, Motion, np.ndarray, dict]:
+    """Read a clip's json -> (identity, motion, envelope [T], the whole dict)."""
+    path = Path(json_path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AvatarForcingError(f"cannot read ground truth {path} ({exc}); regenerate it with write_world") from None
+    motion = Motion(mouth_open=np.asarray(d["mouth_open"], np.float32),
+                    head_pose=np.asarray(d["head_pose"], np.float32).reshape(-1, 3),
+                    blink=np.asarray(d["blink"], np.float32))
+    return Identity.from_dict(d["identity"]), motion, np.asarray(d["envelope"], np.float32), d
+
+
+def _clip_name(index: int) -> str:
+    return f"clip_{index:05d}"
+
+
+def _existing(out_dir: Path, index: int, settings: dict) -> dict | None:
+    """The json of a complete clip made with the same settings; None if incomplete."""
+    name = _clip_name(index)
+    js = out_dir / f"{name}.json"
+    if not (js.is_file() and (out_dir / f"{name}.mp4").is_file() and (out_dir / f"{name}.wav").is_file()):
+        return None
+    try:
+        d = json.loads(js.read_text())
+    except ValueError:
+        return None
+    made_with = {k: d.get(k) for k in settings}
+    if made_with != settings:
+        raise AvatarForcingError(f"{js} was made with {made_with}, not {settings}; "
+                                 "use a new out_dir or the same settings")
+    return d
+
+
+def _write_clip(out_dir: Path, index: int, seconds: float, size: int, world_seed: int, mux_audio: bool) -> str:
+    from ..media import VideoWriter, write_wav  # media imports torch: keep `world` light to import
+
+    name = _clip_name(index)
+    clip = generate_clip(clip_seed(world_seed, index), seconds, size)
+    wav_path = out_dir / f"{name}.wav"
+    write_wav(wav_path, clip.wav, clip.sample_rate)
+    with VideoWriter(out_dir / f"{name}.mp4", clip.fps, audio_path=wav_path if mux_audio else None) as writer:
+        writer.write(clip.frames)
+    tmp = out_dir / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(ground_truth(clip, size, seconds, world_seed, index)))
+    os.replace(tmp, out_dir / f"{name}.json")                      # the clip is complete now
+    return clip.caption
+
+
+def write_world(out_dir: os.PathLike | str, num_clips: int, seconds: float = 8.0, size: int = 64,
+                seed: int = 0, workers: int = 1, mux_audio: bool = True, log=None) -> Path:
+    """Write ``num_clips`` clips and ``index.csv`` into ``out_dir`` -> path of index.csv.
+
+    Resumable: complete clips are kept (and must have been made with the same settings), missing
+    or partial ones are (re)written. Clip i depends only on (seed, i, seconds, size)."""
+    if num_clips <= 0 or seconds <= 0:
+        raise AvatarForcingError(f"write_world needs num_clips > 0 and seconds > 0, got {num_clips} and {seconds}")
+    if size < 8 or size % 2:
+        raise AvatarForcingError(f"write_world size must be an even number >= 8, got {size}")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AvatarForcingError(f"cannot create {out_dir} ({exc.strerror}); choose a writable out_dir") from None
+    settings = dict(version=FORMAT_VERSION, world_seed=seed, size=size, seconds=seconds)
+    captions: dict[int, str] = {}
+    todo = []
+    for i in range(num_clips):
+        done = _existing(out_dir, i, settings)
+        if done is None:
+            todo.append(i)
+        else:
+            captions[i] = done["caption"]
+    if log and todo:
+        log(f"world: writing {len(todo)} of {num_clips} clips to {out_dir}")
+    args = [(out_dir, i, seconds, size, seed, mux_audio) for i in todo]
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for i, caption in zip(todo, pool.map(_write_clip, *zip(*args))):
+                captions[i] = caption
+    else:
+        for a in args:
+            captions[a[1]] = _write_clip(*a)
+    index = out_dir / "index.csv"
+    tmp = out_dir / ".index.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "audio", "caption"])
+        for i in range(num_clips):
+            w.writerow([f"{_clip_name(i)}.mp4", f"{_clip_name(i)}.wav", captions[i]])
+    os.replace(tmp, index)
+    return index
