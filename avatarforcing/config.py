@@ -37,6 +37,7 @@ _REFERENCE_KEYS = {
     "width": "inference.width",
     "fps": "inference.fps",
     "generator_ckpt": "inference.checkpoint",
+    "wav2vec_path": "audio.path",
 }
 # Reference keys that carry no meaning for us (training infra of the peers, paths we take from CLI).
 _REFERENCE_IGNORED = {
@@ -50,6 +51,11 @@ _REFERENCE_IGNORED = {
     "ema_weight", "ema_start_step", "max_grad_norm", "max_grad_norm_critic", "log_iters", "gc_interval",
     "num_frame_per_block_teacher", "model_name", "audio_path", "wav2vec_path", "load_raw_video",
     "no_visualize", "text_len", "local_attn_size", "sink_size",
+    # Self-Forcing training keys that may ride along in released YAMLs (our trainers use their own sections)
+    "ts_schedule", "ts_schedule_max", "denoising_loss_type", "total_batch_size", "num_max_frames", "min_step",
+    "max_step", "real_guidance_scale", "fake_guidance_scale", "min_score_timestep", "timestep_quantile",
+    "backward_simulation", "teacher_forcing", "weight_decay",
+    "log_dir", "save_iters", "eval_iters", "train_iters", "max_iters", "precision", "use_ema",
 }
 
 

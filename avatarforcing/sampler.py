@@ -47,15 +47,17 @@ class StreamingSampler:
 
     def __init__(self, model: WanDiT, schedule: WindowSchedule, cache_cfg: CacheConfig, ref_latent: torch.Tensor,
                  text: torch.Tensor | list, audio: AudioSource | None = None, noise: NoiseSource | None = None,
-                 num_blocks: int | None = None):
-        """ref_latent [B, 16, 1, h, w]; text: prompt embeddings [B, L, text_dim] or ``model.text_kv`` output."""
+                 num_blocks: int | None = None, plan: Iterator[StreamStep] | None = None):
+        """ref_latent [B, 16, 1, h, w]; text: prompt embeddings [B, L, text_dim] or ``model.text_kv`` output.
+
+        ``plan`` replaces ``schedule.plan(num_blocks)``, e.g. a live stream that drains once its audio ends."""
         self.model, self.schedule, self.cfg = model, schedule, cache_cfg
         self.ref = ref_latent.to(model.device, model.dtype)
         self.batch, self.channels, _, self.h, self.w = self.ref.shape
         self.audio = audio
         self.noise = noise or NoiseSource(0, model.device, model.dtype)
         self.num_blocks = num_blocks
-        self.plan: Iterator[StreamStep] = schedule.plan(num_blocks)
+        self.plan: Iterator[StreamStep] = plan if plan is not None else schedule.plan(num_blocks)
         self.window: dict[int, torch.Tensor] = {}      # block -> current noisy latent [B, 16, B, h, w]
         with torch.no_grad():
             text_kv = model.text_kv(text) if isinstance(text, torch.Tensor) else text

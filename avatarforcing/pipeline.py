@@ -1,0 +1,554 @@
+"""End-to-end inference: reference image + audio (+ prompt) -> video frames, streamed block by block.
+
+    pipe = AvatarPipeline.from_config(load_config("configs/tiny.yaml"))
+    for frames in pipe.stream("face.png", "speech.wav"):      # uint8 [B, n, H, W, 3]
+        ...                                                  # n = 1 (reference), then 4*B per block
+    pipe.generate("face.png", "speech.wav", "out.mp4")       # the same, written to an mp4 with audio
+
+Per stream:
+1. the reference image is resized/cropped to ``inference.height x width`` and VAE-encoded to latent
+   frame 0; its decode is output frame 0 and it seeds the style anchor (SPEC section 3);
+2. :class:`AudioFeed` pulls audio chunks from the source (a whole waveform, a file, or a live
+   iterable / queue of chunks), runs the streaming audio encoder and serves per-latent-frame features
+   to the sampler: latent frame 0 gets zeros, latent frame k >= 1 the rows of video frames 4k-3..4k;
+3. :class:`~avatarforcing.sampler.StreamingSampler` runs B_{L,N}; every emitted latent block is decoded
+   at once by the streaming VAE decoder and yielded.
+
+Length: ``num_blocks`` given -> exactly that many blocks (audio zero-padded or cut); otherwise the
+stream runs until the audio ends: block i is started only if the audio reaches into it, i.e. has a row
+for video frame 4iB+1, so a clip of T rows gives the whole blocks covering it (at least one).
+State that grows with the stream is dropped as it ages (audio rows, window blocks, decoder cache), so
+memory is flat on unbounded streams.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import queue
+import shlex
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import AvatarForcingError
+from .attention import CacheConfig
+from .model import WanDiT, build_model
+from .sampler import NoiseSource, StreamingSampler
+from .schedule import StreamStep, WindowSchedule
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LATENT_STRIDE = 4          # video frames per latent frame (Wan VAE temporal compression)
+
+
+# ----------------------------------------------------------------------------------------------
+# device, dtype, config
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'auto' -> cuda if available, else cpu."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(str(name))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AvatarForcingError(f"device '{name}' requested but CUDA is not available; use inference.device=cpu")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CUDA, fp32 on CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or str(name) == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if str(name) not in _DTYPES:
+        raise AvatarForcingError(f"inference.dtype '{name}' is not known; use auto, fp32, bf16 or fp16")
+    return _DTYPES[str(name)]
+
+
+def default_config_path() -> Path:
+    """configs/demo.yaml (the synthetic-world demo model) if it exists, else configs/tiny.yaml."""
+    demo = REPO_ROOT / "configs" / "demo.yaml"
+    return demo if demo.is_file() else REPO_ROOT / "configs" / "tiny.yaml"
+
+
+# ----------------------------------------------------------------------------------------------
+# audio: source chunks -> streaming encoder -> per-latent-frame features
+
+
+def is_waveform(source) -> bool:
+    """A whole mono waveform (as opposed to a file path or a live source of chunks)."""
+    return isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 1
+
+
+def _chunks(source, chunk_samples: int) -> Iterator:
+    """Any audio source -> an iterator of 16 kHz mono sample chunks.
+
+    None: no audio; a path: the file (decoded, resampled, downmixed); a waveform [N]: split into chunks;
+    a ``queue.Queue``: chunks until a ``None`` item; any other iterable: its chunks as they come."""
+    from .media import load_audio
+
+    if source is None:
+        return iter(())
+    if isinstance(source, (str, os.PathLike)):
+        source = load_audio(source)
+    if is_waveform(source):
+        return (source[i:i + chunk_samples] for i in range(0, len(source), chunk_samples))
+    if isinstance(source, queue.Queue):
+        return _drain(source)
+    try:
+        return iter(source)
+    except TypeError:
+        raise AvatarForcingError(f"audio source of type {type(source).__name__} is not supported; pass a path, "
+                                 "a waveform [N] at 16 kHz, or an iterable / queue of sample chunks") from None
+
+
+def _drain(q: queue.Queue) -> Iterator:
+    """Items of a queue until a ``None`` item (blocks while the queue is empty)."""
+    while (item := q.get()) is not None:
+        yield item
+
+
+class AudioFeed:
+    """The audio state of one stream (one batch item).
+
+    ``rows[j - offset]`` drives video frame j (row 0 is the zero row, see avatarforcing/audio.py);
+    ``received`` rows exist so far.  Rows no future window needs are dropped."""
+
+    def __init__(self, encoder, source, chunk_samples: int, profiler=None):
+        self.encoder_stream = encoder.stream()
+        self.chunks = _chunks(source, chunk_samples)
+        self.dim = int(encoder.feature_dim)
+        self.profiler = profiler or NullProfiler()
+        self.rows = torch.zeros(0, self.dim)        # [n, D] on the encoder's device
+        self.offset = 0                             # video frame of rows[0]
+        self.received = 0                           # video frames with audio rows so far
+        self.ended = False
+
+    def _pull(self) -> None:
+        chunk = next(self.chunks, None)
+        with self.profiler.part("audio"):
+            if chunk is None:
+                new = self.encoder_stream.flush()
+                self.ended = True
+            else:
+                new = self.encoder_stream.push(chunk)
+        if len(new):
+            self.rows = torch.cat([self.rows.to(new.device), new.float()])
+            self.received += len(new)
+
+    def reaches(self, frame: int) -> bool:
+        """Whether the audio has a row for video frame ``frame`` (pulls chunks until known)."""
+        while self.received <= frame and not self.ended:
+            self._pull()
+        return self.received > frame
+
+    def latent(self, start: int, stop: int) -> torch.Tensor:
+        """Features of latent frames start..stop-1 -> [stop-start, 4D]; zeros past the end of the audio."""
+        lo = LATENT_STRIDE * max(start, 1) - 3          # first video frame needed
+        hi = LATENT_STRIDE * (stop - 1) + 1             # one past the last
+        if lo < self.offset:
+            raise RuntimeError(f"audio of latent frame {start} was already dropped (windows must move forward)")
+        self.reaches(hi - 1)
+        out = torch.zeros(stop - start, LATENT_STRIDE * self.dim, device=self.rows.device)
+        if stop > max(start, 1):
+            got = self.rows[max(lo - self.offset, 0):max(hi - self.offset, 0)]   # [<= hi-lo, D]
+            flat = got.reshape(-1)
+            out[max(start, 1) - start:].view(-1)[:flat.numel()] = flat
+        # Windows only move forward: drop rows before this window's first frame.
+        if lo > self.offset:
+            self.rows = self.rows[lo - self.offset:].clone()
+            self.offset = lo
+        return out
+
+
+class BatchAudio:
+    """The sampler's audio callable for a batch: ``(start, stop) -> [B, stop-start, 4D]``."""
+
+    def __init__(self, feeds: Sequence[AudioFeed]):
+        self.feeds = list(feeds)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        return torch.stack([f.latent(start, stop) for f in self.feeds])
+
+    def reaches(self, frame: int) -> bool:
+        reached = [f.reaches(frame) for f in self.feeds]   # pull every item: the longest decides
+        return any(reached)
+
+    @property
+    def received(self) -> int:
+        return max(f.received for f in self.feeds)
+
+
+class BatchNoise:
+    """Per-item noise with seeds ``seeds[i]``: batch item i equals a batch-1 stream with that seed."""
+
+    def __init__(self, seeds: Sequence[int], device, dtype):
+        self.sources = [NoiseSource(s, device, dtype) for s in seeds]
+
+    def __call__(self, block: int, level: int, shape) -> torch.Tensor:
+        one = (1, *shape[1:])
+        return torch.cat([src(block, level, one) for src in self.sources])
+
+
+class NullProfiler:
+    """Does nothing; bench_latency passes one that times the named parts of every streaming step.
+
+    ``part(name)`` times a section; ``next_step()`` closes the current step's record.  A step's record
+    holds its sampler step ("step", with the audio encoding inside it as "audio") and the decode of the
+    block it emitted ("vae")."""
+
+    def part(self, name: str):
+        return contextlib.nullcontext()
+
+    def next_step(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@dataclass
+class AvatarPipeline:
+    model: WanDiT
+    vae: object                    # avatarforcing.vae.WanVAE
+    audio_encoder: object          # avatarforcing.audio.AudioFeatureExtractor
+    text_encoder: object           # avatarforcing.text encoder: .encode(list[str]) -> [B, text_len, text_dim]
+    schedule: WindowSchedule
+    cache_cfg: CacheConfig
+    height: int = 480
+    width: int = 832
+    fps: int = 25
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.height % 16 or self.width % 16 or self.height <= 0 or self.width <= 0:
+            raise AvatarForcingError(
+                f"inference size {self.height}x{self.width} is not a multiple of 16 (8x VAE x 2x2 DiT patch); use e.g. "
+                f"inference.height={max(16, round(self.height / 16) * 16)} inference.width={max(16, round(self.width / 16) * 16)}")
+        z = int(getattr(self.vae, "z_dim", 16))
+        if self.model.cfg.in_dim != 2 * z + 1:
+            raise AvatarForcingError(f"model.in_dim is {self.model.cfg.in_dim} but the VAE has {z} latent channels "
+                                     f"(in_dim must be 2*{z}+1 = {2 * z + 1}); fix model.in_dim or vae.z_dim")
+        feat = int(self.audio_encoder.feature_dim)
+        if self.model.cfg.audio_dim != LATENT_STRIDE * feat:
+            raise AvatarForcingError(
+                f"model.audio_dim is {self.model.cfg.audio_dim} but the audio encoder gives {feat} features per video "
+                f"frame (4 x {feat} = {LATENT_STRIDE * feat} per latent frame); set model.audio_dim={LATENT_STRIDE * feat} "
+                "or change audio.encoder")
+        if int(self.audio_encoder.fps) != int(self.fps):
+            raise AvatarForcingError(f"inference.fps is {self.fps} but the audio encoder runs at {self.audio_encoder.fps} "
+                                     "frames per second; set inference.fps to it")
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, checkpoint: str | os.PathLike | None = None) -> "AvatarPipeline":
+        """Build every component from a loaded config (avatarforcing.config.load_config)."""
+        from .audio import build_audio_encoder
+        from .checkpoint import load_dit
+        from .text import build_text_encoder
+        from .vae import build_vae
+
+        inf = cfg.inference
+        device = resolve_device(inf.device)
+        dtype = resolve_dtype(inf.dtype, device)
+        schedule = WindowSchedule.from_config(cfg.schedule)
+        cache_cfg = CacheConfig.from_config(cfg.cache)
+
+        model = build_model(cfg.model)
+        checkpoint = checkpoint or inf.checkpoint
+        if checkpoint:
+            if not Path(checkpoint).exists():
+                raise AvatarForcingError(f"checkpoint not found: {checkpoint}; pass an existing model.pt / "
+                                         ".safetensors file or a Wan2.1 folder")
+            report = load_dit(model, checkpoint, use_ema=bool(inf.use_ema), strict=True)
+            log.info("loaded DiT weights: %s", report)
+        else:
+            log.warning("no DiT checkpoint configured (inference.checkpoint / --checkpoint): using randomly "
+                        "initialised weights (%d layers, dim %d); the video will not show a talking face",
+                        model.cfg.num_layers, model.cfg.dim)
+        model = model.to(device, dtype).eval().requires_grad_(False)
+
+        vae = build_vae(cfg.vae)
+        if not cfg.vae.path:
+            log.warning("no VAE weights configured (vae.path): using a randomly initialised VAE (base_dim %d)",
+                        cfg.vae.base_dim)
+        vae = vae.to(device, dtype).eval().requires_grad_(False)
+
+        audio_encoder = build_audio_encoder(cfg.audio).to(device).eval()
+        text_encoder = build_text_encoder(cfg.text, int(cfg.model.text_dim), int(cfg.model.text_len), dtype=dtype)
+        text_encoder = text_encoder.to(device)
+        return cls(model, vae, audio_encoder, text_encoder, schedule, cache_cfg, int(inf.height), int(inf.width),
+                   int(inf.fps), device, dtype)
+
+    def replace(self, **changes) -> "AvatarPipeline":
+        """A copy sharing the components, e.g. ``pipe.replace(schedule=...)`` for the L x N sweep."""
+        return replace(self, **changes)
+
+    # ---- lengths -------------------------------------------------------------------------------
+    @property
+    def block_video_frames(self) -> int:
+        return LATENT_STRIDE * self.schedule.B
+
+    def video_frames(self, num_blocks: int) -> int:
+        """1 (reference) + 4B per block."""
+        return 1 + self.block_video_frames * num_blocks
+
+    def audio_video_frames(self, num_samples: int) -> int:
+        """Video frames the audio drives: 1 + its 25 fps frames (row convention of avatarforcing/audio.py)."""
+        return 1 + self.audio_encoder.num_audio_frames(num_samples)
+
+    def blocks_for_frames(self, video_frames: int) -> int:
+        """Whole blocks covering ``video_frames`` (counting the reference frame); at least one."""
+        return self.schedule.blocks_for_video_frames(video_frames)
+
+    # ---- conditioning --------------------------------------------------------------------------
+    def load_images(self, images: Sequence) -> torch.Tensor:
+        """Paths / arrays / PIL images -> [B, 3, H, W] in [-1, 1] (resize to cover + center crop).
+
+        A tensor [3, H, W] at the inference size is taken as already loaded (``media.load_image``)."""
+        from .media import load_image
+
+        out = []
+        for img in images:
+            if isinstance(img, torch.Tensor) and img.shape == (3, self.height, self.width):
+                out.append(img.float())          # already loaded by load_image
+            else:
+                out.append(load_image(img, self.height, self.width))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def encode_reference(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> reference latent [B, z, 1, h, w]."""
+        return self.vae.encode_image(images.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.text_encoder.encode(list(prompts)).to(self.device, self.dtype)
+
+    # ---- streaming -----------------------------------------------------------------------------
+    def _batch(self, image, audio_source, prompt, seed):
+        """Normalise single / batched arguments to per-item lists."""
+        batched = isinstance(image, (list, tuple)) or (isinstance(image, torch.Tensor) and image.ndim == 4)
+        images = list(image) if batched else [image]
+        n = len(images)
+        if n == 0:
+            raise AvatarForcingError("no reference image given")
+        if batched:
+            if not isinstance(audio_source, (list, tuple)) or len(audio_source) != n:
+                raise AvatarForcingError(f"{n} images need a list of {n} audio sources (one per image)")
+            audios = list(audio_source)
+        else:
+            audios = [audio_source]
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt or ""] * n
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(n)]
+        if len(prompts) != n or len(seeds) != n:
+            raise AvatarForcingError(f"batch of {n} images needs {n} prompts and seeds (or a single one)")
+        return images, audios, prompts, seeds
+
+    def _adaptive_plan(self, audio: BatchAudio) -> Iterator[StreamStep]:
+        """The schedule's unbounded plan until the audio ends, then the drain of the right length.
+
+        Block i enters the window only if the audio reaches into it (a row for video frame 4iB+1)."""
+        sch = self.schedule
+        for i, step in enumerate(sch.plan(None)):
+            if not audio.reaches(self.block_video_frames * i + 1):
+                n = max(i, 1)
+                if audio.received < self.video_frames(1):
+                    log.info("note: the audio covers %d video frame(s), less than one block (%d frames); "
+                             "generating one block", audio.received, self.video_frames(1))
+                yield from itertools.islice(sch.plan(n), i, None)
+                return
+            yield step
+
+    @torch.no_grad()
+    def stream_latents(self, image, audio_source, prompt="", seed=0, num_blocks: int | None = None,
+                       profiler=None) -> Iterator[tuple[int, torch.Tensor]]:
+        """The latent stream without decoding: first ``(-1, ref_latent [B, z, 1, h, w])``, then
+        ``(block, x0 [B, z, B, h, w])`` for every emitted block, in order."""
+        profiler = profiler or NullProfiler()
+        images, audios, prompts, seeds = self._batch(image, audio_source, prompt, seed)
+        pixels = self.load_images(images)
+        ref = self.encode_reference(pixels)
+        text = self.encode_prompts(prompts)
+        chunk = max(1, round(self.audio_encoder.chunk_seconds * self.audio_encoder.sample_rate))
+        audio = BatchAudio([AudioFeed(self.audio_encoder, src, chunk, profiler) for src in audios])
+        noise = BatchNoise(seeds, self.device, self.dtype)
+        plan = self._adaptive_plan(audio) if num_blocks is None else None   # live: drain once the audio ends
+        sampler = StreamingSampler(self.model, self.schedule, self.cache_cfg, ref, text, audio=audio, noise=noise,
+                                   num_blocks=num_blocks, plan=plan)
+        yield -1, ref
+        while True:
+            profiler.next_step()
+            with profiler.part("step"):
+                out = sampler.step()
+            if out is None:
+                profiler.next_step()
+                return
+            if out["emitted"] is not None:
+                yield out["emitted"]
+
+    @torch.no_grad()
+    def stream(self, image, audio_source, prompt="", seed=0, num_blocks: int | None = None,
+               profiler=None) -> Iterator[np.ndarray]:
+        """Generate video, yielding uint8 frame blocks [B, n, H, W, 3] as soon as they are decoded.
+
+        image: a path / array / tensor, or a list of them (a batch; then ``audio_source`` is a list too);
+        audio_source: path, waveform [N] at 16 kHz, a live iterable / ``queue.Queue`` of chunks (None ends
+        a queue), or None (silence); prompt / seed: one or one per item (item i defaults to seed + i);
+        num_blocks: None = as many whole blocks as the audio covers (at least one).
+        The first yield is the reference frame (n = 1), then 4B frames per block."""
+        from .vae import to_uint8
+
+        profiler = profiler or NullProfiler()
+        decoder = self.vae.stream_decoder()
+        for block, latents in self.stream_latents(image, audio_source, prompt, seed, num_blocks, profiler):
+            with profiler.part("vae"):
+                frames = decoder.push(latents.to(self.dtype))      # [B, 3, n, H, W] in [-1, 1]
+                frames = _as_numpy(to_uint8(frames))                # [B, n, H, W, 3]
+            yield frames
+
+    # ---- files ---------------------------------------------------------------------------------
+    def generate(self, image, audio_path, output, prompt="", seed=0, duration: float | None = None,
+                 progress: bool = True, num_blocks: int | None = None):
+        """Write an mp4 (H.264, the input audio muxed as AAC) and return its path.
+
+        Length: ``num_blocks`` if given, else ``duration`` seconds rounded up to whole blocks, else the
+        whole blocks covering the audio.  Frames are written as they are produced; nothing is left at
+        ``output`` on failure.  Lists of images / audio paths / outputs generate a batch (-> list of paths);
+        each video gets its own length, the batch runs as long as the longest."""
+        from tqdm import tqdm
+
+        from .media import VideoWriter, load_audio
+
+        images, audio_paths, prompts, seeds = self._batch(image, audio_path, prompt, seed)
+        outputs = list(output) if isinstance(output, (list, tuple)) else [output]
+        if len(outputs) != len(images):
+            raise AvatarForcingError(f"{len(images)} images need {len(images)} output paths")
+        pixels = self.load_images(images)                      # fail fast on bad images
+        waves = [load_audio(p, self.audio_encoder.sample_rate) for p in audio_paths]
+        lengths = [self._num_blocks(w, p, duration, num_blocks) for w, p in zip(waves, audio_paths)]
+        total = max(lengths)
+
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(VideoWriter(o, self.fps, audio_path=a)) for o, a in zip(outputs, audio_paths)]
+            bar = stack.enter_context(tqdm(total=total, unit="block", disable=not progress, desc="generating",
+                                           dynamic_ncols=True, leave=False))
+            blocks_done = -1                                   # the first yield is the reference frame
+            for frames in self.stream(list(pixels), waves, prompts, seeds, num_blocks=total):
+                for writer, frames_i, n_i in zip(writers, frames, lengths):
+                    if blocks_done < n_i:
+                        writer.write(frames_i)
+                if blocks_done >= 0:
+                    bar.update(1)
+                blocks_done += 1
+        paths = [Path(o) for o in outputs]
+        return paths if isinstance(output, (list, tuple)) else paths[0]
+
+    def _num_blocks(self, wav: np.ndarray, name, duration: float | None, num_blocks: int | None) -> int:
+        """Blocks of one video, with a one-line note where the request is rounded."""
+        if num_blocks is not None:
+            if num_blocks < 1:
+                raise AvatarForcingError(f"number of blocks must be >= 1, got {num_blocks}")
+            return int(num_blocks)
+        if duration is not None:
+            if duration <= 0:
+                raise AvatarForcingError(f"duration must be positive, got {duration} s")
+            frames = max(1, math.ceil(duration * self.fps - 1e-6))
+            n = self.blocks_for_frames(frames)
+            if self.video_frames(n) != frames:
+                log.info("note: %.2f s (%d frames) is not a whole number of blocks (1 + %d k frames); rounded up to "
+                         "%d block(s) = %d frames (%.2f s)", duration, frames, self.block_video_frames, n,
+                         self.video_frames(n), self.video_frames(n) / self.fps)
+            return n
+        frames = self.audio_video_frames(len(wav))
+        n = self.blocks_for_frames(frames)
+        if frames < self.video_frames(1):
+            log.info("note: audio %s is %.2f s, shorter than one block (%.2f s); generating one block (%d frames)",
+                     name, len(wav) / self.audio_encoder.sample_rate, self.video_frames(1) / self.fps,
+                     self.video_frames(1))
+        elif float(np.abs(wav).max(initial=0.0)) < 1e-4:
+            log.info("note: audio %s is silent; the avatar will not speak", name)
+        return n
+
+
+def _as_numpy(frames) -> np.ndarray:
+    if isinstance(frames, torch.Tensor):
+        frames = frames.cpu().numpy()
+    return np.asarray(frames, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# command-line helpers (inference.py)
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One line of a reference-release data list: ``image audio "caption"``."""
+
+    image: Path
+    audio: Path
+    prompt: str = ""
+
+
+def read_data_list(path: str | os.PathLike) -> list[DataItem]:
+    """Parse a data list; relative paths are resolved against the list file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise AvatarForcingError(f"data list not found: {path}; pass a text file with one 'image audio \"caption\"' per line")
+    items = []
+    for num, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            parts = shlex.split(line)
+        except ValueError as exc:
+            raise AvatarForcingError(f"{path}:{num}: cannot parse line ({exc}); use: image audio \"caption\"") from None
+        if len(parts) < 2:
+            raise AvatarForcingError(f"{path}:{num}: expected 'image audio \"caption\"', got {line.strip()!r}")
+        image, audio = (Path(p) if Path(p).is_absolute() else path.parent / p for p in parts[:2])
+        for kind, p in (("image", image), ("audio", audio)):
+            if not p.is_file():
+                raise AvatarForcingError(f"{path}:{num}: {kind} file not found: {p}")
+        items.append(DataItem(image, audio, " ".join(parts[2:])))
+    if not items:
+        raise AvatarForcingError(f"data list {path} has no entries; add lines 'image audio \"caption\"'")
+    return items
+
+
+def blocks_for_latent_frames(num_latent_frames: int, block_frames: int) -> int:
+    """Reference ``--num_output_frames`` (latent frames incl. the reference) -> blocks, rounding up with a note."""
+    n = max(1, math.ceil((num_latent_frames - 1) / block_frames))
+    if num_latent_frames - 1 != n * block_frames:
+        log.info("note: --num_output_frames %d: (n - 1) must be a multiple of B = %d; using %d latent frames "
+                 "(%d blocks)", num_latent_frames, block_frames, 1 + n * block_frames, n)
+    return n
+
+
+def check_writable(output: str | os.PathLike) -> None:
+    """Fail before any generation if ``output``'s folder cannot be written."""
+    folder = Path(output).parent
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise AvatarForcingError(f"cannot write to output folder {folder}: {blocker} is a file; choose another output path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise AvatarForcingError(f"cannot write to output folder {folder} ({exc.strerror}); "
+                                 "choose a writable output path") from None

@@ -1,0 +1,139 @@
+"""Generate a talking-avatar video from a reference image and speech audio.
+
+    python inference.py --image face.png --audio speech.wav [--prompt "..."] [--config configs/x.yaml]
+                        [--checkpoint model.pt] [--output out.mp4] [--seed N] [--duration S] [key=value ...]
+
+prints the written mp4's path as the last line of stdout.  The reference release's command works unchanged:
+
+    python inference.py --config_path configs/avatarforcing.yaml --output_folder outputs \\
+        --checkpoint_path checkpoints/model.pt --data_path list.txt --num_output_frames 225 --i2v
+
+(list.txt: one ``image audio "caption"`` per line, paths relative to the list's folder; one mp4 per line;
+``--num_output_frames`` counts latent frames including the reference, (n - 1) a multiple of B).
+The default config is configs/demo.yaml if present, else configs/tiny.yaml (a tiny random model).
+Errors print ``error: <message>`` on stderr and exit with status 1; no partial video is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from avatarforcing import AvatarForcingError
+from avatarforcing.config import load_config
+from avatarforcing.pipeline import (REPO_ROOT, AvatarPipeline, blocks_for_latent_frames, check_writable,
+                                    default_config_path, read_data_list)
+
+EXAMPLE_IMAGE = REPO_ROOT / "assets" / "example.png"
+EXAMPLE_AUDIO = REPO_ROOT / "assets" / "example.wav"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one-line error and exit 1, like every other failure
+        raise AvatarForcingError(f"{message} (see python inference.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="AvatarForcing: reference image + speech -> talking-avatar video (mp4).",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--image", help=f"reference image (default: {EXAMPLE_IMAGE.relative_to(REPO_ROOT)})")
+    p.add_argument("--audio", help=f"speech audio, wav/mp3/flac (default: {EXAMPLE_AUDIO.relative_to(REPO_ROOT)})")
+    p.add_argument("--prompt", help="text prompt (default: inference.prompt)")
+    p.add_argument("--config", help="experiment YAML (default: configs/demo.yaml, else configs/tiny.yaml)")
+    p.add_argument("--checkpoint", help="DiT weights (default: inference.checkpoint; none = random init)")
+    p.add_argument("--output", help="output mp4 or folder (default: inference.output)")
+    p.add_argument("--seed", type=int, help="noise seed (default: seed)")
+    p.add_argument("--duration", type=float, help="seconds of video, rounded up to whole blocks (default: the audio's length)")
+    ref = p.add_argument_group("reference-release command")
+    ref.add_argument("--config_path", help="same as --config")
+    ref.add_argument("--checkpoint_path", help="same as --checkpoint")
+    ref.add_argument("--output_folder", help="folder for one mp4 per data-list line (default: outputs)")
+    ref.add_argument("--data_path", help="data list: one 'image audio \"caption\"' per line")
+    ref.add_argument("--num_output_frames", type=int, help="latent frames incl. the reference (default: the audio's length)")
+    ref.add_argument("--i2v", action="store_true", help="image-to-video (the only mode; required with --data_path)")
+    ref.add_argument("--use_ema", action="store_true", help="load the checkpoint's EMA weights")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.window_blocks=2")
+    return p
+
+
+def _find(path: str | None, fallback: Path | None = None) -> Path | None:
+    """A path as given, else relative to the repository (configs/...), else ``fallback``."""
+    if path is None:
+        return fallback
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() or not (REPO_ROOT / p).exists() else REPO_ROOT / p
+
+
+def run(args) -> list[Path]:
+    release = args.data_path is not None
+    if release and (args.image or args.audio):
+        raise AvatarForcingError("--data_path and --image/--audio exclude each other; use one of the two forms")
+    overrides = list(args.overrides) + (["inference.use_ema=true"] if args.use_ema else [])
+    cfg = load_config(_find(args.config or args.config_path, default_config_path()), overrides)
+    checkpoint = args.checkpoint or args.checkpoint_path or cfg.inference.checkpoint
+    seed = cfg.seed if args.seed is None else args.seed
+    duration = cfg.inference.duration if args.duration is None else args.duration
+    progress = sys.stderr.isatty()
+
+    if release:
+        if not args.i2v:
+            raise AvatarForcingError("the reference command generates from a reference image only: add --i2v")
+        items = read_data_list(args.data_path)
+        folder = Path(args.output_folder or "outputs")
+        check_writable(folder / "probe.mp4")
+        num_blocks = None
+        if args.num_output_frames is not None:
+            num_blocks = blocks_for_latent_frames(args.num_output_frames, int(cfg.schedule.block_frames))
+        pipe = AvatarPipeline.from_config(cfg, checkpoint)
+        for item in items:                                 # fail before generating anything
+            pipe.load_images([item.image])
+        written, size = [], max(1, int(cfg.inference.batch_size))
+        for start in range(0, len(items), size):
+            batch = items[start:start + size]
+            outputs = [folder / f"{start + i:04d}_{it.image.stem}.mp4" for i, it in enumerate(batch)]
+            paths = pipe.generate([it.image for it in batch], [it.audio for it in batch], outputs,
+                                  [it.prompt for it in batch], [seed + start + i for i in range(len(batch))],
+                                  duration=duration, progress=progress, num_blocks=num_blocks)
+            for path in paths:
+                print(path, flush=True)
+            written += paths
+        return written
+
+    from avatarforcing.media import load_audio, load_image
+
+    image = _find(args.image, EXAMPLE_IMAGE if EXAMPLE_IMAGE.is_file() else None)
+    audio = _find(args.audio, EXAMPLE_AUDIO if EXAMPLE_AUDIO.is_file() else None)
+    if image is None or audio is None:
+        missing = "--image" if image is None else "--audio"
+        raise AvatarForcingError(f"no {missing} given and the example assets/example.{'png' if image is None else 'wav'} "
+                                 f"is missing; pass {missing} <file>")
+    output = Path(args.output or cfg.inference.output)
+    if output.is_dir() or str(args.output or "").endswith(("/", "\\")):
+        output = output / f"{image.stem}.mp4"
+    # Check the inputs and the output folder before building the model.
+    load_image(image, int(cfg.inference.height), int(cfg.inference.width))
+    load_audio(audio)
+    check_writable(output)
+    pipe = AvatarPipeline.from_config(cfg, checkpoint)
+    prompt = cfg.inference.prompt if args.prompt is None else args.prompt
+    path = pipe.generate(image, audio, output, prompt, seed, duration=duration, progress=progress)
+    print(path, flush=True)
+    return [path]
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        run(build_parser().parse_intermixed_args(argv))
+    except AvatarForcingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no video was written for the unfinished clip", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
