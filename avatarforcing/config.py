@@ -142,11 +142,17 @@ def load_config(path: os.PathLike | str | None = None, overrides: Sequence[str] 
     if path is not None:
         for layer, src in _experiment_layers(Path(path)):
             cfg = _merge_strict(cfg, layer, str(src))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: str = "the command line") -> DictConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied (unknown keys are errors)."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     for item in overrides:
         key, value = _parse_override(item)
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise AvatarForcingError(
-                f"unknown config key '{key}' on the command line; see configs/default.yaml for the valid keys")
+                f"unknown config key '{key}' in {source}; see configs/default.yaml for the valid keys")
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
     OmegaConf.set_struct(cfg, True)
     return cfg

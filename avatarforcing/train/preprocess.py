@@ -84,7 +84,7 @@ class Preprocessor:
     def __init__(self, cfg, device=None):
         from ..audio import build_audio_encoder
         from ..text import build_text_encoder
-        from ..vae import WanVAE
+        from ..vae import build_vae
         self.cfg = cfg
         dev = str(cfg.data.device)
         if device is None and dev == "auto":
@@ -94,7 +94,7 @@ class Preprocessor:
         self.device = torch.device(device or dev)
         self.B = int(cfg.schedule.block_frames)
         self.clip_video_frames = 1 + 4 * int(cfg.data.clip_blocks) * self.B
-        self.vae = WanVAE.from_config(cfg.vae).to(self.device).eval()
+        self.vae = build_vae(cfg.vae).to(self.device).eval()
         self.audio = build_audio_encoder(cfg.audio).to(self.device).eval()
         if 4 * self.audio.feature_dim != int(cfg.model.audio_dim):
             raise AvatarForcingError(f"the audio encoder gives {self.audio.feature_dim} features per video frame -> "

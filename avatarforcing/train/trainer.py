@@ -553,9 +553,9 @@ class Trainer:
         if latents is None:
             return
         try:
-            from ..vae import WanVAE
+            from ..vae import build_vae
             if not hasattr(self, "_vae"):
-                self._vae = WanVAE.from_config(self.cfg.vae).to(self.device)
+                self._vae = build_vae(self.cfg.vae).to(self.device)
             with torch.no_grad():
                 video = self._vae.decode(latents[:1].to(self.device))          # [1, 3, T, H, W] in [-1, 1]
             frames = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).byte().cpu().numpy()

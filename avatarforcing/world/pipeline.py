@@ -1,0 +1,211 @@
+"""The paper's whole pipeline on the synthetic world, as one resumable command.
+
+    data -> codec -> shards -> teacher -> backfill -> ode -> dmd -> metric_nets -> evaluate [-> ship]
+
+Every stage calls the same package code a user runs on real data (``scripts/preprocess.py``,
+``train_teacher.py``, ``scripts/ode_backfill.py``, ``train_ode.py``, ``train_dmd.py``); only the config
+differs (``configs/world/``).  The run folder (``world.run``) holds each stage's output and ``state.json``;
+a finished stage is skipped on the next call and the trainers resume from their own checkpoints, so an
+interrupted run picks up where it stopped.  ``world.ship=true`` copies the final student, the codec and the
+metric networks to ``assets/demo/``, which ``configs/demo.yaml`` (the default of ``inference.py``) uses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import AvatarForcingError
+from ..config import REPO_ROOT, apply_overrides
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "codec", "shards", "teacher", "backfill", "ode", "dmd", "metric_nets", "evaluate")
+DEMO_DIR = REPO_ROOT / "assets" / "demo"
+
+
+class Run:
+    """The run folder: stage outputs and ``state.json`` (finished stages with their results and wall times)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.world.run)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    # paths every stage agrees on
+    @property
+    def data(self) -> Path: return self.dir / "data"
+    @property
+    def codec(self) -> Path: return self.dir / "codec.pt"
+    @property
+    def shards(self) -> Path: return self.dir / "shards"
+    @property
+    def ode_store(self) -> Path: return self.dir / "ode"
+    @property
+    def metric_nets(self) -> Path: return self.dir / "metric_nets.pt"
+
+    def export(self, stage: str) -> Path:
+        return self.dir / stage / "export" / "model.pt"
+
+    def stage_cfg(self, overrides_key: str | None = None, extra=()) -> DictConfig:
+        """The pipeline config with the run's paths and a stage's overrides applied."""
+        paths = [f"vae.path={self.codec}", f"data.source={self.data / 'index.csv'}", f"data.shards={self.shards}",
+                 f"data.ode={self.ode_store}"]
+        stage = list(self.cfg.world[overrides_key]) if overrides_key else []
+        return apply_overrides(self.cfg, paths + list(extra) + stage, f"world.{overrides_key or 'paths'}")
+
+    def done(self, stage: str) -> bool:
+        return bool(self.state.get(stage, {}).get("done"))
+
+    def mark(self, stage: str, result: dict, seconds: float) -> None:
+        self.state[stage] = {"done": True, "seconds": round(seconds, 1), "result": result}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.state_path)
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+def stage_data(run: Run) -> dict:
+    from .dataset import write_world
+    w = run.cfg.world
+    index = write_world(run.data, num_clips=int(w.clips), seconds=float(w.seconds), size=int(w.size),
+                        seed=int(w.seed), workers=int(w.workers), log=log.info)
+    return {"index": str(index), "clips": int(w.clips), "seconds_each": float(w.seconds)}
+
+
+def stage_codec(run: Run) -> dict:
+    from .codec import train_codec
+    w = run.cfg.world
+    res = train_codec(run.codec, steps=int(w.codec_steps), size=int(w.size), seed=int(w.seed),
+                      time_budget_s=float(w.codec_minutes) * 60, z_dim=int(run.cfg.vae.z_dim))
+    return {k: res[k] for k in ("psnr", "steps", "seconds") if k in res}
+
+
+def stage_shards(run: Run) -> dict:
+    from ..train.preprocess import preprocess
+    stats = preprocess(run.stage_cfg(), progress=True)
+    if stats.get("bad"):
+        raise AvatarForcingError(f"preprocessing rejected {stats['bad']} world videos: {stats['bad_files'][:3]}")
+    return {k: v for k, v in stats.items() if k != "bad_files"}
+
+
+def _train(run: Run, stage_cls, name: str, overrides_key: str, extra=()) -> dict:
+    from ..train.trainer import run_stage
+    cfg = run.stage_cfg(overrides_key, [f"train.output_dir={run.dir / name}", *extra])
+    metrics = run_stage(stage_cls, cfg)
+    if not run.export(name).is_file():
+        raise AvatarForcingError(f"stage {name} finished without writing {run.export(name)}")
+    return {"export": str(run.export(name)), **{k: float(v) for k, v in (metrics or {}).items()
+                                                 if isinstance(v, (int, float))}}
+
+
+def stage_teacher(run: Run) -> dict:
+    from ..train.teacher import TeacherStage
+    return _train(run, TeacherStage, "teacher", "teacher_overrides")
+
+
+def stage_backfill(run: Run) -> dict:
+    from ..train.ode import backfill
+    cfg = run.stage_cfg("backfill_overrides", [f"ode.teacher={run.export('teacher')}", "ode.teacher_ema=true"])
+    stats = backfill(cfg, progress=True)
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list))}
+
+
+def stage_ode(run: Run) -> dict:
+    from ..train.ode import ODEStage
+    return _train(run, ODEStage, "ode_student", "ode_overrides", [f"train.init={run.export('teacher')}",
+                                                                  "train.init_ema=true"])
+
+
+def stage_dmd(run: Run) -> dict:
+    from ..train.dmd import DMDStage
+    return _train(run, DMDStage, "dmd", "dmd_overrides", [
+        f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true",
+        f"dmd.generator={run.export('ode_student')}", "dmd.generator_ema=true"])
+
+
+def stage_metric_nets(run: Run) -> dict:
+    from ..metrics import MetricNets
+    w = run.cfg.world
+    t0 = time.time()
+    MetricNets.train(run.metric_nets, num_ids=int(w.metric_ids), sync_steps=int(w.metric_steps), id_steps=int(w.metric_steps),
+                     size=int(w.size), seed=int(w.seed), threads=int(w.threads), log=log.info)
+    return {"path": str(run.metric_nets), "seconds": time.time() - t0}
+
+
+def stage_evaluate(run: Run) -> dict:
+    """Teacher vs ODE student vs DMD student on held-out identities (Total / Last over the rollouts)."""
+    from . import evaluate as E
+    w = run.cfg.world
+    cfg = run.stage_cfg()
+    cases = E.held_out_cases(int(w.eval_cases), float(w.eval_seconds), size=int(w.size))
+    nets = E.load_metric_nets(run.metric_nets)
+    variants = {
+        "Teacher": ("teacher", run.export("teacher"), []),
+        "Student (ODE)": ("student", run.export("ode_student"), []),
+        "AvatarForcing (DMD)": ("student", run.export("dmd"), []),
+    }
+    rows = E.evaluate_run(run.dir / "eval", cfg, variants, cases, nets, teacher_steps=int(w.eval_teacher_steps),
+                          overrides=["inference.use_ema=true"])          # the runs' exports hold EMA weights
+    return {"rows": rows, "table": str(run.dir / "eval" / "table.md")}
+
+
+STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
+    "data": stage_data, "codec": stage_codec, "shards": stage_shards, "teacher": stage_teacher,
+    "backfill": stage_backfill, "ode": stage_ode, "dmd": stage_dmd, "metric_nets": stage_metric_nets,
+    "evaluate": stage_evaluate,
+}
+
+
+def ship(run: Run, dest: Path = DEMO_DIR) -> Path:
+    """Copy the final student (EMA weights, released format), the codec and the metric nets into the repo."""
+    from ..checkpoint import export_released, load_student_state
+    dest.mkdir(parents=True, exist_ok=True)
+    state = load_student_state(run.export("dmd"), use_ema=True)
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+    export_released(half, dest / "model.pt")
+    shutil.copy2(run.codec, dest / "codec.pt")
+    if run.metric_nets.is_file():
+        shutil.copy2(run.metric_nets, dest / "metric_nets.pt")
+    summary = {k: {"seconds": v.get("seconds")} for k, v in run.state.items()}
+    (dest / "pipeline_state.json").write_text(json.dumps(summary, indent=2))
+    return dest
+
+
+def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
+    """Run (or resume) the stages in order; returns ``state.json``'s content."""
+    torch.set_num_threads(int(cfg.world.threads))
+    torch.set_flush_denormal(True)
+    run = Run(cfg)
+    OmegaConf.save(cfg, run.dir / "config.yaml")
+    wanted = list(stages or STAGES)
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        raise AvatarForcingError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    t_all = time.time()
+    for name in STAGES:
+        if name not in wanted:
+            continue
+        if run.done(name):
+            progress(f"[world] {name}: done earlier ({run.state[name]['seconds']} s), skipped")
+            continue
+        progress(f"[world] {name} ...")
+        t0 = time.time()
+        result = STAGE_FUNCS[name](run)
+        run.mark(name, result, time.time() - t0)
+        progress(f"[world] {name}: finished in {time.time() - t0:.1f} s")
+    total = sum(v.get("seconds", 0) for v in run.state.values() if isinstance(v, dict))
+    progress(f"[world] all stages: {total / 60:.1f} min of stage time ({(time.time() - t_all) / 60:.1f} min this call)")
+    if cfg.world.ship:
+        progress(f"[world] shipped the demo model to {ship(run)}")
+    return run.state
