@@ -173,5 +173,14 @@ def _experiment_layers(path: Path) -> Iterable[tuple[DictConfig, Path]]:
     yield cfg, path
 
 
+def resolve_path(path: os.PathLike | str) -> Path:
+    """A path as given if it exists (or is absolute), else relative to the repository root if it exists
+    there: configs that ship with the repo name their assets relative to it (``assets/demo/model.pt``)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

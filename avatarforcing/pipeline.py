@@ -260,6 +260,7 @@ class AvatarPipeline:
         """Build every component from a loaded config (avatarforcing.config.load_config)."""
         from .audio import build_audio_encoder
         from .checkpoint import load_dit
+        from .config import resolve_path
         from .text import build_text_encoder
         from .vae import build_vae
 
@@ -272,6 +273,7 @@ class AvatarPipeline:
         model = build_model(cfg.model)
         checkpoint = checkpoint or inf.checkpoint
         if checkpoint:
+            checkpoint = resolve_path(checkpoint)
             if not Path(checkpoint).exists():
                 raise AvatarForcingError(f"checkpoint not found: {checkpoint}; pass an existing model.pt / "
                                          ".safetensors file or a Wan2.1 folder")

@@ -274,9 +274,10 @@ def build_vae(cfg_vae):
     kind wan (default): WanVAE loaded from vae.path, or a random init of base_dim / z_dim if it is null.
     kind world: the synthetic world's light codec (avatarforcing/world/codec.py), same interface."""
     if cfg_vae.get("kind", "wan") == "world":
+        from .config import resolve_path
         from .world.codec import WorldCodec
         if cfg_vae.get("path"):
-            return WorldCodec.load(_resolve(cfg_vae["path"]))
+            return WorldCodec.load(resolve_path(cfg_vae["path"]))
         return WorldCodec(z_dim=int(cfg_vae.get("z_dim", 16)))
     if cfg_vae.get("kind", "wan") != "wan":
         raise AvatarForcingError(f"vae.kind must be 'wan' or 'world', got '{cfg_vae.get('kind')}'")
@@ -284,11 +285,3 @@ def build_vae(cfg_vae):
         return WanVAE.from_pretrained(cfg_vae["path"], cfg_vae.get("latents_mean"), cfg_vae.get("latents_std"))
     return WanVAE.from_config(cfg_vae)
 
-
-def _resolve(path) -> Path:
-    """A path as given, else relative to the repository root (for configs that ship with the repo)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    root = Path(__file__).resolve().parent.parent
-    return root / p if (root / p).exists() else p

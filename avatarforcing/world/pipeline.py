@@ -179,7 +179,20 @@ def ship(run: Run, dest: Path = DEMO_DIR) -> Path:
         shutil.copy2(run.metric_nets, dest / "metric_nets.pt")
     summary = {k: {"seconds": v.get("seconds")} for k, v in run.state.items()}
     (dest / "pipeline_state.json").write_text(json.dumps(summary, indent=2))
+    write_examples(dest.parent)
     return dest
+
+
+def write_examples(assets: Path, seconds: float = 8.0, seed: int = 4242) -> None:
+    """The default inputs of inference.py: a held-out identity's reference frame and 8 s of its speech."""
+    from PIL import Image
+
+    from ..media import write_wav
+    from .dataset import clip_seed, sample_reference
+    from .speech import synth_speech
+    s = clip_seed(seed, 0)
+    Image.fromarray(sample_reference(s, 256)).save(assets / "example.png")
+    write_wav(assets / "example.wav", synth_speech(seconds, s).wav, 16000)
 
 
 def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
