@@ -14,7 +14,7 @@ the numbers never grow: streams are unbounded (no 1024-frame table).  With ``rop
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,7 @@ per-frame modulation e [B, F, 6, dim]; audio features per latent frame [B, F, au
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

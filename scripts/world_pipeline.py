@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     try:
         from avatarforcing.world.pipeline import run_pipeline
         cfg = load_config(args.config, args.overrides)
-        state = run_pipeline(cfg, args.stages.split(",") if args.stages else None)
+        run_pipeline(cfg, args.stages.split(",") if args.stages else None)
     except AvatarForcingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

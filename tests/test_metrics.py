@@ -1,19 +1,10 @@
 """World metrics: each one separates a known-good video from a known-bad one."""
 import numpy as np
 import pytest
-import torch
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.metrics import (MetricNets, evaluate_video, feature_stats, frechet_distance, sync_scores)
 from avatarforcing.world import generate_clip, render, sample_motion, synth_speech
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny nets on a shared 2-core machine: one thread is fastest
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

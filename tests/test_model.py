@@ -6,7 +6,7 @@ from avatarforcing.attention import KV, block_causal_groups, frame_mask
 from avatarforcing.model import i2v_input
 from avatarforcing.sampler import StreamingSampler
 from avatarforcing.schedule import WindowSchedule, add_noise
-from helpers import cache_cfg, random_tiny_model, schedule_cfg
+from helpers import cache_cfg, random_tiny_model
 from oracle import full_window_forward
 
 H = W = 4          # latent grid -> 2x2 = 4 tokens per frame

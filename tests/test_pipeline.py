@@ -71,17 +71,8 @@ def chunked(wav, sizes):
         i, k = i + n, k + 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest (and does not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def pipe(one_thread):
+def pipe():
     return make_pipe()
 
 

@@ -10,15 +10,6 @@ from avatarforcing.train import data as D
 from avatarforcing.train.synthetic import write_clip_samples
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: intra-op threads spin under oversubscription (100x slower); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def cfg(tmp_path):
     return load_config("configs/train_teacher_tiny.yaml", [f"data.shards={tmp_path / 'shards'}"])

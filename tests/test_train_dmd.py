@@ -14,15 +14,6 @@ from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_cl
 from avatarforcing.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: intra-op threads spin under oversubscription (100x slower); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_dmd_gradient_matches_a_direct_computation():
     x = torch.tensor([[[1.0, 2.0], [3.0, 5.0]], [[0.0, -1.0], [2.0, 2.0]]], requires_grad=True)
     fake = torch.tensor([[[1.5, 2.0], [2.0, 5.0]], [[1.0, -1.0], [2.0, 0.0]]])

@@ -18,14 +18,6 @@ from avatarforcing.train.teacher import euler_sample, guidance_text
 from avatarforcing.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: intra-op threads spin under oversubscription (100x slower); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -14,15 +14,6 @@ from avatarforcing.train import data as D
 from avatarforcing.train.preprocess import list_sources, preprocess
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: intra-op threads spin under oversubscription (100x slower); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_video(path, frames, fps, size=(80, 96), audio=None, seed=0):
     rng = np.random.default_rng(seed)
     h, w = size

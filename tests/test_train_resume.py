@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from avatarforcing.config import load_config
@@ -13,15 +12,6 @@ from avatarforcing.train.dmd import DMDStage
 from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_clip_samples
 from avatarforcing.train.teacher import TeacherStage
 from avatarforcing.train.trainer import complete_checkpoints, run_stage
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: intra-op threads spin under oversubscription (100x slower); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def assert_same(a, b, path="state"):

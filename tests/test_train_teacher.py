@@ -11,15 +11,6 @@ from avatarforcing.train.teacher import TeacherStage, guidance_text, guided_flow
 from avatarforcing.train.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: intra-op threads spin under oversubscription (100x slower); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_teacher_lowers_its_loss_from_yaml(tmp_path):
     cfg = load_config("configs/train_teacher_tiny.yaml", [
         f"data.shards={tmp_path / 'shards'}", f"train.output_dir={tmp_path / 'run'}", "train.steps=12",

@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["vae.kind=world"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(ROOT / "configs" / "tiny.yaml", TINY)
