@@ -41,6 +41,17 @@ def test_shapes_and_properties():
     u8 = to_uint8(codec.decode(zi))
     assert u8.dtype == np.uint8 and u8.shape == (3, 1, 16, 24, 3)
     assert WorldCodec().num_parameters() < 2_000_000
+    assert to_uint8(codec.decode(zi)[0]).shape == (1, 16, 24, 3)
+
+
+def test_half_precision_keeps_float32_statistics():
+    codec = _codec()
+    mean = codec.latents_mean.clone()
+    codec = codec.to(torch.bfloat16)
+    assert codec.latents_mean.dtype == torch.float32 and torch.equal(codec.latents_mean, mean)
+    z = codec.encode_video(_video(T=5))
+    assert z.dtype == torch.float32 and z.shape == (1, 16, 2, 2, 3)
+    assert codec.decode(z).dtype == torch.float32
 
 
 def test_latent_k_sees_only_its_frames():
@@ -83,6 +94,19 @@ def test_save_load_round_trip(tmp_path, suffix):
     assert torch.equal(loaded.decode(z), codec.decode(z))
 
 
+def test_loads_files_with_the_older_decoder_bias(tmp_path):
+    """Codec files written before the per-position patch bias (e.g. assets/demo/codec.pt) still load, exactly."""
+    codec = _codec(seed=4, num_res=1)
+    with torch.no_grad():
+        codec.decoder.patch_bias.copy_(torch.randn(1, 12, 1, 1).expand(1, 12, 8, 8))
+    state = {k: v.clone() for k, v in codec.state_dict().items()}
+    state["decoder.linear.bias"] = state.pop("decoder.patch_bias")[0, :, 0, 0].clone()
+    torch.save({"format": "avatarforcing.world_codec", "version": 1, "config": codec.config, "state_dict": state},
+               tmp_path / "old.pt")
+    z = torch.randn(1, 16, 2, 2, 2)
+    assert torch.equal(WorldCodec.load(tmp_path / "old.pt").decode(z), codec.decode(z))
+
+
 def test_errors(tmp_path):
     codec = _codec()
     for T in (2, 4, 6, 8):
@@ -122,12 +146,33 @@ def _toy_clips(n=4, T=9, size=16, seed=0):
 
 
 def test_short_training_lowers_loss(tmp_path):
-    torch.manual_seed(0)
-    r = train_codec(tmp_path / "c.pt", steps=40, batch=8, clips=_toy_clips(), width=8, num_res=1, crop=None,
-                    lr=3e-3, log_every=0)
-    assert r["loss_last"] < 0.7 * r["loss_first"]
+    clips = _toy_clips()
+    threads = torch.get_num_threads()
+    r = train_codec(tmp_path / "c.pt", steps=40, batch=8, clips=clips, width=8, num_res=1, crop=None,
+                    lr=3e-3, log_every=0, pca_init=False)
+    assert r["loss_last"] < 0.5 * r["loss_first"]
+    assert torch.get_num_threads() == threads                                  # restored
     codec = WorldCodec.load(tmp_path / "c.pt")
-    z = codec.encode_video(torch.as_tensor(_toy_clips(1)[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
+    assert not any(p.requires_grad for p in codec.parameters())
+    z = codec.encode_video(torch.as_tensor(clips[0]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
     # latents are normalised with statistics measured on the training data
     assert abs(float(z.mean())) < 0.5 and 0.3 < float(z.std()) < 3.0
-    assert np.isfinite(r["psnr"])
+    assert np.isfinite(r["psnr"]) and r["heldout"] is False
+
+
+def test_pca_init_is_a_good_linear_codec():
+    clips = _toy_clips()
+    groups = torch.stack([torch.as_tensor(c[1:5]).permute(3, 0, 1, 2).float() / 127.5 - 1 for c in clips])
+    codec = WorldCodec(width=8, num_res=1)
+    with torch.no_grad():
+        before = float(((codec.decode_groups(codec.encode_groups(groups)) - groups) ** 2).mean())
+        kept = codec.init_linear(groups)
+        after = float(((codec.decode_groups(codec.encode_groups(groups)) - groups) ** 2).mean())
+    assert 0.5 < kept <= 1.0 and after < 0.1 * before
+
+
+def test_training_on_rendered_clips(tmp_path):
+    """The default data path (clips rendered with generate_clip, a growing pool, held-out PSNR), tiny."""
+    r = train_codec(None, steps=4, batch=2, size=16, width=8, num_res=1, pool_clips=2, pool_seconds=0.2,
+                    refresh_every=2, eval_clips=1, eval_seconds=0.2, log_every=0)
+    assert r["steps"] == 4 and r["heldout"] is True and r["pool_clips"] == 3 and np.isfinite(r["psnr"])

@@ -5,10 +5,15 @@ latent 0 <- video frame 0 alone, latent k >= 1 <- frames 4k-3 .. 4k.  A full Wan
 takes seconds per training step on CPU; this codec is a 2D conv auto-encoder over the 4 frames of a group
 stacked channel-wise (12 channels), so it trains to > 30 dB on the world's 64x64 faces in minutes.
 
-* Encoder: pixel-unshuffle 2x (12 -> 48 channels) -> conv -> [res block, stride-2 conv] x 2 -> res blocks
-  -> 1x1 conv to ``z_dim``: 8x spatial.  Frame 0 is encoded as the group of frame 0 repeated 4 times.
-* Decoder mirrored (pixel-shuffle upsampling); it produces 4 frames per latent; for latent 0 it returns
+* Encoder: a linear 8x8-patch projection (conv k8 s8, 12 -> z) plus a conv net: pixel-unshuffle 2x
+  (12 -> 48 channels) -> conv -> [res block, stride-2 conv] x 2 -> res blocks -> 1x1 conv (zero-initialised)
+  to ``z_dim``: 8x spatial.  Frame 0 is encoded as the group of frame 0 repeated 4 times.
+* Decoder mirrored: a linear 8x8-patch expansion (transposed conv k8 s8 + a mean-patch bias) plus a conv net
+  with pixel-shuffle upsampling and a zero-initialised output; 4 frames per latent; for latent 0 it returns
   the mean of the 4 (all trained to equal frame 0).
+* ``train_codec`` starts the linear paths at the PCA of the training patches (~26 dB on its own), so the
+  nets only learn the non-linear remainder: 31.4 dB held-out PSNR at 64x64 after 2,500 steps (~4.5 min on
+  one CPU thread); 1.97M parameters at the default width 32.
 * Every latent frame is encoded and decoded independently, so ``stream_decoder()`` equals ``decode()``
   exactly, whatever the chunking.
 * Deterministic auto-encoder; during training the decoder sees the latent with a little relative noise
@@ -49,17 +54,15 @@ TEMPORAL_RATIO = 4
 # helpers
 
 
-def to_uint8(video):
-    """Decoded video [B, 3, T, H, W] (or an image [B, 3, H, W]) in [-1, 1] -> uint8 numpy [B, T, H, W, 3]
-    (or [B, H, W, 3])."""
-    if isinstance(video, np.ndarray):
-        video = torch.from_numpy(video)
-    if not isinstance(video, torch.Tensor) or video.ndim not in (4, 5) or video.shape[1] != 3:
-        raise AvatarForcingError(f"to_uint8 needs a tensor [B, 3, T, H, W] or [B, 3, H, W] in [-1, 1], got "
-                                 f"{type(video).__name__} {tuple(getattr(video, 'shape', ()))}")
-    v = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    perm = (0, 2, 3, 4, 1) if v.ndim == 5 else (0, 2, 3, 1)
-    return v.permute(*perm).contiguous().numpy()
+def to_uint8(frames) -> np.ndarray:
+    """Video in [-1, 1], [B, 3, T, H, W] -> uint8 numpy [B, T, H, W, 3] ([3, T, H, W] -> [T, H, W, 3]);
+    the same as ``avatarforcing.vae.to_uint8``."""
+    x = torch.as_tensor(frames)
+    if x.ndim < 4 or x.shape[-4] != 3:
+        raise AvatarForcingError(f"to_uint8 needs a video [B, 3, T, H, W] or [3, T, H, W] in [-1, 1], got "
+                                 f"{tuple(x.shape)}")
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.movedim(-4, -1).cpu().numpy()
 
 
 def frames_to_tensor(frames) -> torch.Tensor:
@@ -137,7 +140,8 @@ class Decoder(nn.Module):
         super().__init__()
         c1, c2, c3 = widths
         cout = 3 * TEMPORAL_RATIO
-        self.linear = nn.ConvTranspose2d(z_dim, cout, SPATIAL_RATIO, stride=SPATIAL_RATIO)
+        self.linear = nn.ConvTranspose2d(z_dim, cout, SPATIAL_RATIO, stride=SPATIAL_RATIO, bias=False)
+        self.patch_bias = nn.Parameter(torch.zeros(1, cout, SPATIAL_RATIO, SPATIAL_RATIO))   # mean 8x8 patch
         self.inp = nn.Conv2d(z_dim, c3, 3, padding=1)
         self.res3 = nn.Sequential(*[ResBlock(c3) for _ in range(num_res)])
         self.up2 = nn.Conv2d(c3, 4 * c2, 3, padding=1)                    # + pixel-shuffle 2x
@@ -152,7 +156,8 @@ class Decoder(nn.Module):
         h = self.res3(self.inp(z))
         h = self.res2(F.pixel_shuffle(self.up2(F.silu(h)), 2))
         h = self.res1(F.pixel_shuffle(self.up1(F.silu(h)), 2))
-        return self.linear(z) + F.pixel_shuffle(self.out(F.silu(h)), 2)
+        lin = self.linear(z) + self.patch_bias.repeat(1, 1, z.shape[2], z.shape[3])
+        return lin + F.pixel_shuffle(self.out(F.silu(h)), 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +186,14 @@ class WorldCodec(nn.Module):
         self.register_buffer("latents_mean", torch.zeros(self.z_dim))
         self.register_buffer("latents_std", torch.ones(self.z_dim))
 
+    def _apply(self, fn, recurse=True):
+        # the latent statistics stay float32 under `.to(bf16)` (as WanVAE's do); they follow the device
+        stats = (self.latents_mean.detach().float().clone(), self.latents_std.detach().float().clone())
+        out = super()._apply(fn, recurse)
+        self.latents_mean = stats[0].to(self.latents_mean.device)
+        self.latents_std = stats[1].to(self.latents_std.device)
+        return out
+
     # ---- raw (unnormalised) group codec: what training uses ---------------------------------
     def encode_groups(self, groups: torch.Tensor) -> torch.Tensor:
         """[N, 3, 4, H, W] in [-1, 1] -> raw latents [N, z, H/8, W/8]."""
@@ -195,14 +208,15 @@ class WorldCodec(nn.Module):
 
     # ---- normalisation -------------------------------------------------------------------------
     def _stat(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return t.to(like.device, like.dtype).view(1, -1, 1, 1, 1)
+        return t.to(like.device, torch.float32).view(1, -1, 1, 1, 1)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """raw [B, z, F, h, w] -> normalised."""
-        return (z - self._stat(self.latents_mean, z)) / self._stat(self.latents_std, z)
+        """raw codec latents [B, z, F, h, w] -> DiT latents (float32)."""
+        return (z.float() - self._stat(self.latents_mean, z)) / self._stat(self.latents_std, z)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self._stat(self.latents_std, z) + self._stat(self.latents_mean, z)
+        """DiT latents -> raw codec latents (float32)."""
+        return z.float() * self._stat(self.latents_std, z) + self._stat(self.latents_mean, z)
 
     # ---- WanVAE interface ----------------------------------------------------------------------
     @property
@@ -229,6 +243,7 @@ class WorldCodec(nn.Module):
         z = self.encode_groups(groups)                                          # [B(1+k), z, h, w]
         return z.reshape(B, 1 + k, self.z_dim, H // 8, W // 8).permute(0, 2, 1, 3, 4)
 
+    @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalised latents [B, z, 1 + k, H/8, W/8]."""
         if not isinstance(video, torch.Tensor) or video.ndim != 5 or video.shape[1] != 3:
@@ -241,6 +256,7 @@ class WorldCodec(nn.Module):
         _check_spatial(H, W, "video")
         return self.normalize(self._encode_raw(video))
 
+    @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> normalised latents [B, z, 1, H/8, W/8] (the video's first-frame latent)."""
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
@@ -253,8 +269,8 @@ class WorldCodec(nn.Module):
         """normalised latents [B, z, f, h, w] -> [B, 3, n, H, W]; ``first``: latents[:, :, 0] is latent 0."""
         B, _, f, h, w = latents.shape
         if f == 0:
-            return latents.new_zeros(B, 3, 0, h * 8, w * 8)
-        z = self.denormalize(latents.to(self.device, self.dtype))
+            return torch.zeros(B, 3, 0, h * 8, w * 8, device=self.device)
+        z = self.denormalize(latents.to(self.device)).to(self.dtype)
         x = self.decode_groups(z.permute(0, 2, 1, 3, 4).reshape(B * f, self.z_dim, h, w))
         x = x.reshape(B, f, 3, TEMPORAL_RATIO, h * 8, w * 8).permute(0, 2, 1, 3, 4, 5)   # [B, 3, f, 4, H, W]
         parts = []
@@ -263,8 +279,9 @@ class WorldCodec(nn.Module):
             x = x[:, :, 1:]
         if x.shape[2]:
             parts.append(x.reshape(B, 3, -1, h * 8, w * 8))
-        return torch.cat(parts, 2).clamp(-1, 1)
+        return torch.cat(parts, 2).clamp(-1, 1).float()
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, z, F, h, w] (latent 0 = first frame) -> video [B, 3, 1 + 4(F-1), 8h, 8w] in [-1, 1]."""
         self._check_latents(latents)
@@ -305,7 +322,7 @@ class WorldCodec(nn.Module):
         enc.weight.copy_(V.reshape(enc.weight.shape).to(enc.weight))
         enc.bias.copy_((-V @ mu).to(enc.bias))
         dec.weight.copy_(V.reshape(dec.weight.shape).to(dec.weight))
-        dec.bias.copy_(mu.reshape(C * G, -1).mean(1).to(dec.bias))
+        self.decoder.patch_bias.copy_(mu.reshape(self.decoder.patch_bias.shape).to(dec.weight))
         return float((S[:k] ** 2).sum() / (S ** 2).sum().clamp_min(1e-12))
 
     # ---- latent statistics ---------------------------------------------------------------------
@@ -370,6 +387,7 @@ class WorldCodec(nn.Module):
         if meta.get("format") != FORMAT or state is None:
             raise AvatarForcingError(f"{path} is not a world codec file (format {meta.get('format')!r}); "
                                      "pass a file written by WorldCodec.save")
+        state = _upgrade_state(dict(state))
         cfg = meta["config"]
         model = cls(z_dim=cfg["z_dim"], width=cfg["width"], num_res=cfg["num_res"], widths=cfg["widths"])
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -380,6 +398,15 @@ class WorldCodec(nn.Module):
         return model.eval().requires_grad_(False)          # a frozen codec, as WanVAE is used
 
     from_pretrained = load
+
+
+def _upgrade_state(state: dict) -> dict:
+    """Files from before the decoder's per-position patch bias held a per-channel transposed-conv bias:
+    the same function, as a constant patch."""
+    old = state.pop("decoder.linear.bias", None)
+    if old is not None and "decoder.patch_bias" not in state:
+        state["decoder.patch_bias"] = old.reshape(1, -1, 1, 1).expand(1, -1, SPATIAL_RATIO, SPATIAL_RATIO).clone()
+    return state
 
 
 class StreamDecoder:
