@@ -5,7 +5,7 @@ import pytest
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.config import load_config
-from avatarforcing.world.pipeline import STAGES, run_pipeline
+from avatarforcing.world.pipeline import BASELINE_STAGES, STAGES, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,9 @@ def fast_run(tmp_path_factory):
 
 def test_every_stage_runs_and_exports(fast_run):
     run, cfg, state, messages = fast_run
-    assert [s for s in STAGES if state.get(s, {}).get("done")] == list(STAGES)
-    for stage in ("teacher", "ode_student", "dmd"):
+    every = STAGES + BASELINE_STAGES
+    assert [s for s in every if state.get(s, {}).get("done")] == list(every)
+    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing"):
         assert (run / stage / "export" / "model.pt").is_file()
     assert (run / "codec.pt").is_file() and (run / "metric_nets.pt").is_file()
     assert json.loads((run / "state.json").read_text())["dmd"]["done"] is True

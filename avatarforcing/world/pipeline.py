@@ -1,6 +1,7 @@
 """The paper's whole pipeline on the synthetic world, as one resumable command.
 
     data -> codec -> shards -> teacher -> backfill -> ode -> dmd -> metric_nets -> evaluate [-> ship]
+    [world.baselines: causal_backfill -> causal_ode -> self_forcing (Table 6's one-step causal baselines)]
 
 Every stage calls the same package code a user runs on real data (``scripts/preprocess.py``,
 ``train_teacher.py``, ``scripts/ode_backfill.py``, ``train_ode.py``, ``train_dmd.py``); only the config
@@ -28,6 +29,10 @@ from ..config import REPO_ROOT, apply_overrides
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "codec", "shards", "teacher", "backfill", "ode", "dmd", "metric_nets", "evaluate")
+# Optional (world.baselines=true): the paper's one-step causal baselines of Table 6, trained like the student
+# but with L = 1 (one level, t = 1000, no look-ahead): causal ODE regression, then DMD on it (Self-Forcing 1-step).
+BASELINE_STAGES = ("causal_backfill", "causal_ode", "self_forcing")
+CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
 
 
@@ -160,7 +165,29 @@ def stage_evaluate(run: Run) -> dict:
     return {"rows": rows, "table": str(run.dir / "eval" / "table.md")}
 
 
+def stage_causal_backfill(run: Run) -> dict:
+    from ..train.ode import backfill
+    cfg = run.stage_cfg("backfill_overrides", [f"ode.teacher={run.export('teacher')}", "ode.teacher_ema=true",
+                                               *CAUSAL, f"data.ode={run.dir / 'ode_causal'}"])
+    stats = backfill(cfg, progress=True)
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list))}
+
+
+def stage_causal_ode(run: Run) -> dict:
+    from ..train.ode import ODEStage
+    return _train(run, ODEStage, "causal_ode", "ode_overrides", [
+        f"train.init={run.export('teacher')}", "train.init_ema=true", *CAUSAL, f"data.ode={run.dir / 'ode_causal'}"])
+
+
+def stage_self_forcing(run: Run) -> dict:
+    from ..train.dmd import DMDStage
+    return _train(run, DMDStage, "self_forcing", "dmd_overrides", [
+        f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true", f"dmd.generator={run.export('causal_ode')}",
+        "dmd.generator_ema=true", *CAUSAL, f"data.ode={run.dir / 'ode_causal'}"])
+
+
 STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
+    "causal_backfill": stage_causal_backfill, "causal_ode": stage_causal_ode, "self_forcing": stage_self_forcing,
     "data": stage_data, "codec": stage_codec, "shards": stage_shards, "teacher": stage_teacher,
     "backfill": stage_backfill, "ode": stage_ode, "dmd": stage_dmd, "metric_nets": stage_metric_nets,
     "evaluate": stage_evaluate,
@@ -201,12 +228,13 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     torch.set_flush_denormal(True)
     run = Run(cfg)
     OmegaConf.save(cfg, run.dir / "config.yaml")
-    wanted = list(stages or STAGES)
-    unknown = [s for s in wanted if s not in STAGES]
+    order = STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
+    wanted = list(stages or order)
+    unknown = [s for s in wanted if s not in STAGES + BASELINE_STAGES]
     if unknown:
-        raise AvatarForcingError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        raise AvatarForcingError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES + BASELINE_STAGES)}")
     t_all = time.time()
-    for name in STAGES:
+    for name in STAGES + BASELINE_STAGES:
         if name not in wanted:
             continue
         if run.done(name):
