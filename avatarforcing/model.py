@@ -121,15 +121,8 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(2)), k, v
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(WanSelfAttention):
     """Text cross-attention (Wan T2V); its K/V depend only on the prompt and are computed once per stream."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def kv(self, context):
         k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, self.head_dim))
