@@ -7,8 +7,8 @@ Every stage calls the same package code a user runs on real data (``scripts/prep
 ``train_teacher.py``, ``scripts/ode_backfill.py``, ``train_ode.py``, ``train_dmd.py``); only the config
 differs (``configs/world/``).  The run folder (``world.run``) holds each stage's output and ``state.json``;
 a finished stage is skipped on the next call and the trainers resume from their own checkpoints, so an
-interrupted run picks up where it stopped.  ``world.ship=true`` copies the final student, the codec and the
-metric networks to ``assets/demo/``, which ``configs/demo.yaml`` (the default of ``inference.py``) uses.
+interrupted run picks up where it stopped.  ``world.ship=true`` copies the final student and the codec to
+``assets/demo/``, which ``configs/demo.yaml`` (the default of ``inference.py``) uses.
 """
 from __future__ import annotations
 
@@ -195,15 +195,13 @@ STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
 
 
 def ship(run: Run, dest: Path = DEMO_DIR) -> Path:
-    """Copy the final student (EMA weights, released format), the codec and the metric nets into the repo."""
+    """Copy the final student (EMA weights, fp16, released format) and the codec into the repo."""
     from ..checkpoint import export_released, load_student_state
     dest.mkdir(parents=True, exist_ok=True)
     state = load_student_state(run.export("dmd"), use_ema=True)
     half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
     export_released(half, dest / "model.pt")
     shutil.copy2(run.codec, dest / "codec.pt")
-    if run.metric_nets.is_file():
-        shutil.copy2(run.metric_nets, dest / "metric_nets.pt")
     summary = {k: {"seconds": v.get("seconds")} for k, v in run.state.items()}
     (dest / "pipeline_state.json").write_text(json.dumps(summary, indent=2))
     write_examples(dest.parent)
