@@ -14,7 +14,7 @@ the numbers never grow: streams are unbounded (no 1024-frame table).  With ``rop
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -120,11 +120,12 @@ class StreamCache:
 
     cfg: CacheConfig
     tokens_per_frame: int
-    grid: tuple[int, int]                  # (h, w) token grid of one latent frame
+    grid: tuple[int, int]                  # (h, w) latent size of one frame
     text: list | None = None
     anchor: KV | None = None
     temporal: KV | None = None
     next_frame: int = 1
+    _rotated: tuple | None = field(default=None, repr=False)   # memo of rotated_context()
 
     def context(self) -> tuple[KV | None, torch.Tensor]:
         """K/V prepended to the window's own, and their frame positions relative to the window's context."""
@@ -141,6 +142,25 @@ class StreamCache:
         for p in parts:
             kv = KV.cat(kv, p)
         return kv, torch.tensor(pos, dtype=torch.long)
+
+    def rotated_context(self, rope: RotaryEmbedding, h: int, w: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer (RoPE-rotated keys, values) of [anchor | temporal], or None when there is no context.
+
+        The window's N passes and the clean re-run of one step share the same context: it is assembled and
+        rotated once per change of the cache (not per forward).  Context that carries gradients (training
+        with a differentiable anchor) is rebuilt every call so that no graph is shared between backwards."""
+        memo = self._rotated
+        key = (self.next_frame, h, w, str(device))
+        if memo is not None and memo[0] is self.anchor and memo[1] is self.temporal and memo[2] == key:
+            return memo[3]
+        kv, pos = self.context()
+        out = None
+        if kv is not None:
+            cos, sin = rope(pos, h, w, device)     # (h, w): the token grid of one frame
+            out = [(apply_rope(k, cos, sin), v) for k, v in zip(kv.k, kv.v)]
+        if not (kv is not None and any(k.requires_grad for k in kv.k + kv.v)):
+            self._rotated = (self.anchor, self.temporal, key, out)
+        return out
 
     def window_positions(self, num_frames: int) -> torch.Tensor:
         n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0

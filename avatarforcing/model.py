@@ -296,12 +296,10 @@ class WanDiT(nn.Module):
         else:
             text_kv = text
 
-        ctx_kv, ctx_rope = None, None
+        ctx = None                                  # per block (rotated keys, values) of [anchor | temporal]
         if cache is not None:
-            ctx_kv, ctx_pos = cache.context()
+            ctx = cache.rotated_context(self.rope, h, w, self.device)
             frame_pos = cache.window_positions(Fn)
-            if ctx_kv is not None:
-                ctx_rope = self.rope(ctx_pos, h, w, self.device)
         elif frame_pos is None:
             frame_pos = torch.arange(Fn)
         rope = self.rope(torch.as_tensor(frame_pos), h, w, self.device)
@@ -312,14 +310,12 @@ class WanDiT(nn.Module):
         for i, blk in enumerate(self.blocks):
             if i in audio_at:   # additive per-frame audio, broadcast over the frame's tokens
                 tokens = (tokens.unflatten(1, (Fn, -1)) + codes[audio_at[i]][:, :, None]).flatten(1, 2)
-            ctx = None
-            if ctx_kv is not None:
-                ctx = (apply_rope(ctx_kv.k[i], *ctx_rope), ctx_kv.v[i])
+            ctx_i = ctx[i] if ctx is not None else None
             if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
-                tokens, k, v = torch.utils.checkpoint.checkpoint(blk, tokens, e0, rope, text_kv[i], ctx, mask,
+                tokens, k, v = torch.utils.checkpoint.checkpoint(blk, tokens, e0, rope, text_kv[i], ctx_i, mask,
                                                                  use_reentrant=False)
             else:
-                tokens, k, v = blk(tokens, e0, rope, text_kv[i], ctx, mask)
+                tokens, k, v = blk(tokens, e0, rope, text_kv[i], ctx_i, mask)
             if return_kv:
                 ks.append(k)
                 vs.append(v)

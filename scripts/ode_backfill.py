@@ -7,7 +7,6 @@
 The stored timesteps are WindowSchedule.from_config(schedule).timesteps; the teacher's sigma grid
 (ode.teacher_steps, ode.teacher_shift) is built to contain them exactly.  Resumable (done samples skipped).
 """
-import argparse
 import json
 import logging
 import sys
@@ -19,13 +18,9 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="experiment YAML merged over configs/default.yaml")
-    ap.add_argument("--rank", type=int, default=None, help="this process (default: $RANK or 0)")
-    ap.add_argument("--world", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
+    from avatarforcing.train.data import sharded_job_parser
+    ap = sharded_job_parser(__doc__)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda:$LOCAL_RANK when available)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

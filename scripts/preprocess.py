@@ -5,7 +5,6 @@
 
 Resumable (done samples are skipped); see avatarforcing/train/preprocess.py and data.py for the format.
 """
-import argparse
 import json
 import logging
 import sys
@@ -17,12 +16,8 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="experiment YAML merged over configs/default.yaml")
-    ap.add_argument("--rank", type=int, default=None, help="this process (default: $RANK or 0)")
-    ap.add_argument("--world", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    from avatarforcing.train.data import sharded_job_parser
+    ap = sharded_job_parser(__doc__)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -313,3 +313,15 @@ def dist_rank_world(rank: int | None = None, world: int | None = None) -> tuple[
     if not 0 <= r < w:
         raise AvatarForcingError(f"--rank {r} must be in [0, --world {w})")
     return r, w
+
+
+def sharded_job_parser(description: str):
+    """Command line of the sharded data jobs (preprocess, ODE backfill): --config, --rank/--world, key=value."""
+    import argparse
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="experiment YAML merged over configs/default.yaml")
+    ap.add_argument("--rank", type=int, default=None, help="this process (default: $RANK or 0)")
+    ap.add_argument("--world", type=int, default=None, help="number of processes (default: $WORLD_SIZE or 1)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return ap
