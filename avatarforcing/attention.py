@@ -14,6 +14,7 @@ the numbers never grow: streams are unbounded (no 1024-frame table).  With ``rop
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -102,10 +103,17 @@ class CacheConfig:
     anchor_offset: int = -1        # d
     zero_anchor_audio: bool = True
     context_noise: float = 0.0     # timestep of the clean re-run
+    rerun_anchor: str = "window"   # anchor position in the clean re-run: window (u_i + d, as in the
+                                   # denoising pass) | absolute (frame 0, the reference release)
+
+    def __post_init__(self):
+        if self.rerun_anchor not in ("window", "absolute"):
+            from . import AvatarForcingError
+            raise AvatarForcingError(f"cache.rerun_anchor is '{self.rerun_anchor}'; use window or absolute")
 
     @classmethod
     def from_config(cls, cfg) -> "CacheConfig":
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
 
 
 @dataclass
@@ -125,7 +133,27 @@ class StreamCache:
     anchor: KV | None = None
     temporal: KV | None = None
     next_frame: int = 1
+    rerun: bool = False                    # True inside clean_rerun(): the forward writes the temporal cache
     _rotated: tuple | None = field(default=None, repr=False)   # memo of rotated_context()
+
+    @contextlib.contextmanager
+    def clean_rerun(self):
+        """Mark the forwards inside as the clean re-run of an emitted block (anchor position: cfg.rerun_anchor)."""
+        self.rerun = True
+        try:
+            yield self
+        finally:
+            self.rerun = False
+
+    def anchor_position(self, n_t: int) -> int:
+        """Frame position of the style anchor relative to [temporal | window] (whose first frame is 0).
+
+        Denoising pass: d (``anchor_offset``) with RoPE re-indexing, else the absolute frame 0, i.e. -u_i.
+        Clean re-run with ``rerun_anchor = absolute`` (the reference release): absolute frame 0 as well."""
+        u_abs = self.next_frame - n_t                       # absolute index of the first [temporal|window] frame
+        if self.rerun and self.cfg.rerun_anchor == "absolute":
+            return -u_abs
+        return self.cfg.anchor_offset if self.cfg.rope_reindex else -u_abs
 
     def context(self) -> tuple[KV | None, torch.Tensor]:
         """K/V prepended to the window's own, and their frame positions relative to the window's context."""
@@ -133,8 +161,7 @@ class StreamCache:
         n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
         if self.anchor is not None and self.cfg.style_anchor:
             parts.append(self.anchor)
-            u_abs = self.next_frame - n_t                       # absolute index of the first [temporal|window] frame
-            pos.append(self.cfg.anchor_offset if self.cfg.rope_reindex else -u_abs)
+            pos.append(self.anchor_position(n_t))
         if n_t:
             parts.append(self.temporal)
             pos.extend(range(n_t))
@@ -150,7 +177,7 @@ class StreamCache:
         rotated once per change of the cache (not per forward).  Context that carries gradients (training
         with a differentiable anchor) is rebuilt every call so that no graph is shared between backwards."""
         memo = self._rotated
-        key = (self.next_frame, h, w, str(device))
+        key = (self.next_frame, self.rerun, h, w, str(device))
         if memo is not None and memo[0] is self.anchor and memo[1] is self.temporal and memo[2] == key:
             return memo[3]
         kv, pos = self.context()

@@ -79,6 +79,8 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
 
 
 class WanRMSNorm(nn.Module):
+    """RMS norm computed in fp32; the output keeps the input's dtype (no promotion by an fp32 weight)."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -86,15 +88,24 @@ class WanRMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
 
 
 class WanLayerNorm(nn.LayerNorm):
+    """Layer norm computed in fp32 (weights upcast with it); the output keeps the input's dtype.
+
+    The release's own norm does not upcast, and an fp32 input with a bf16 affine weight is rejected by the
+    layer-norm kernels (CPU and CUDA), so both the statistics and the affine run in fp32 here."""
+
     def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
         super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class WanSelfAttention(nn.Module):
@@ -155,6 +166,14 @@ class WanAttentionBlock(nn.Module):
         self.norm2 = WanLayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.ffn_chunk_tokens = 0          # > 0: run the FFN over this many tokens at a time (low-VRAM mode)
+
+    def _ffn(self, x):
+        """The FFN, optionally in token chunks: its [S, ffn_dim] hidden state is the largest activation."""
+        n = self.ffn_chunk_tokens
+        if n <= 0 or x.shape[1] <= n:
+            return self.ffn(x)
+        return torch.cat([self.ffn(part) for part in x.split(n, dim=1)], dim=1)
 
     def forward(self, x, e, rope, text_kv, ctx=None, mask=None):
         """x [B, S, C]; e [B, F, 6, C] per-frame modulation."""
@@ -165,7 +184,7 @@ class WanAttentionBlock(nn.Module):
                                  rope, ctx, mask)
         x = x + _gate(y.float(), gate_msa, frames).type_as(x)
         x = x + self.cross_attn(self.norm3(x), text_kv)
-        y = self.ffn(_modulate(self.norm2(x).float(), shift_ffn, scale_ffn, frames).type_as(x))
+        y = self._ffn(_modulate(self.norm2(x).float(), shift_ffn, scale_ffn, frames).type_as(x))
         x = x + _gate(y.float(), gate_ffn, frames).type_as(x)
         return x, k, v
 
@@ -234,6 +253,11 @@ class WanDiT(nn.Module):
     @property
     def device(self):
         return self.patch_embedding.weight.device
+
+    def set_ffn_chunk(self, tokens: int) -> None:
+        """Compute every block's FFN over ``tokens`` tokens at a time (0 = all at once); same result."""
+        for blk in self.blocks:
+            blk.ffn_chunk_tokens = int(tokens)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         """Tokens of one latent frame of size height x width (latent pixels)."""

@@ -27,7 +27,6 @@ import itertools
 import logging
 import math
 import os
-import queue
 import shlex
 import tempfile
 from dataclasses import dataclass, replace
@@ -39,14 +38,15 @@ import torch
 
 from . import AvatarForcingError
 from .attention import CacheConfig
+from .audio import LATENT_STRIDE, AudioFeed, BatchAudio
 from .model import WanDiT, build_model
+from .profiling import NullProfiler
 from .sampler import NoiseSource, StreamingSampler
 from .schedule import StreamStep, WindowSchedule
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LATENT_STRIDE = 4          # video frames per latent frame (Wan VAE temporal compression)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,114 +84,6 @@ def default_config_path() -> Path:
     return demo if demo.is_file() else REPO_ROOT / "configs" / "tiny.yaml"
 
 
-# ----------------------------------------------------------------------------------------------
-# audio: source chunks -> streaming encoder -> per-latent-frame features
-
-
-def is_waveform(source) -> bool:
-    """A whole mono waveform (as opposed to a file path or a live source of chunks)."""
-    return isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 1
-
-
-def _chunks(source, chunk_samples: int) -> Iterator:
-    """Any audio source -> an iterator of 16 kHz mono sample chunks.
-
-    None: no audio; a path: the file (decoded, resampled, downmixed); a waveform [N]: split into chunks;
-    a ``queue.Queue``: chunks until a ``None`` item; any other iterable: its chunks as they come."""
-    from .media import load_audio
-
-    if source is None:
-        return iter(())
-    if isinstance(source, (str, os.PathLike)):
-        source = load_audio(source)
-    if is_waveform(source):
-        return (source[i:i + chunk_samples] for i in range(0, len(source), chunk_samples))
-    if isinstance(source, queue.Queue):
-        return _drain(source)
-    try:
-        return iter(source)
-    except TypeError:
-        raise AvatarForcingError(f"audio source of type {type(source).__name__} is not supported; pass a path, "
-                                 "a waveform [N] at 16 kHz, or an iterable / queue of sample chunks") from None
-
-
-def _drain(q: queue.Queue) -> Iterator:
-    """Items of a queue until a ``None`` item (blocks while the queue is empty)."""
-    while (item := q.get()) is not None:
-        yield item
-
-
-class AudioFeed:
-    """The audio state of one stream (one batch item).
-
-    ``rows[j - offset]`` drives video frame j (row 0 is the zero row, see avatarforcing/audio.py);
-    ``received`` rows exist so far.  Rows no future window needs are dropped."""
-
-    def __init__(self, encoder, source, chunk_samples: int, profiler=None):
-        self.encoder_stream = encoder.stream()
-        self.chunks = _chunks(source, chunk_samples)
-        self.dim = int(encoder.feature_dim)
-        self.profiler = profiler or NullProfiler()
-        self.rows = torch.zeros(0, self.dim)        # [n, D] on the encoder's device
-        self.offset = 0                             # video frame of rows[0]
-        self.received = 0                           # video frames with audio rows so far
-        self.ended = False
-
-    def _pull(self) -> None:
-        chunk = next(self.chunks, None)
-        with self.profiler.part("audio"):
-            if chunk is None:
-                new = self.encoder_stream.flush()
-                self.ended = True
-            else:
-                new = self.encoder_stream.push(chunk)
-        if len(new):
-            self.rows = torch.cat([self.rows.to(new.device), new.float()])
-            self.received += len(new)
-
-    def reaches(self, frame: int) -> bool:
-        """Whether the audio has a row for video frame ``frame`` (pulls chunks until known)."""
-        while self.received <= frame and not self.ended:
-            self._pull()
-        return self.received > frame
-
-    def latent(self, start: int, stop: int) -> torch.Tensor:
-        """Features of latent frames start..stop-1 -> [stop-start, 4D]; zeros past the end of the audio."""
-        lo = LATENT_STRIDE * max(start, 1) - 3          # first video frame needed
-        hi = LATENT_STRIDE * (stop - 1) + 1             # one past the last
-        if lo < self.offset:
-            raise RuntimeError(f"audio of latent frame {start} was already dropped (windows must move forward)")
-        self.reaches(hi - 1)
-        out = torch.zeros(stop - start, LATENT_STRIDE * self.dim, device=self.rows.device)
-        if stop > max(start, 1):
-            got = self.rows[max(lo - self.offset, 0):max(hi - self.offset, 0)]   # [<= hi-lo, D]
-            flat = got.reshape(-1)
-            out[max(start, 1) - start:].view(-1)[:flat.numel()] = flat
-        # Windows only move forward: drop rows before this window's first frame.
-        if lo > self.offset:
-            self.rows = self.rows[lo - self.offset:].clone()
-            self.offset = lo
-        return out
-
-
-class BatchAudio:
-    """The sampler's audio callable for a batch: ``(start, stop) -> [B, stop-start, 4D]``."""
-
-    def __init__(self, feeds: Sequence[AudioFeed]):
-        self.feeds = list(feeds)
-
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
-        return torch.stack([f.latent(start, stop) for f in self.feeds])
-
-    def reaches(self, frame: int) -> bool:
-        reached = [f.reaches(frame) for f in self.feeds]   # pull every item: the longest decides
-        return any(reached)
-
-    @property
-    def received(self) -> int:
-        return max(f.received for f in self.feeds)
-
-
 class BatchNoise:
     """Per-item noise with seeds ``seeds[i]``: batch item i equals a batch-1 stream with that seed."""
 
@@ -201,20 +93,6 @@ class BatchNoise:
     def __call__(self, block: int, level: int, shape) -> torch.Tensor:
         one = (1, *shape[1:])
         return torch.cat([src(block, level, one) for src in self.sources])
-
-
-class NullProfiler:
-    """Does nothing; bench_latency passes one that times the named parts of every streaming step.
-
-    ``part(name)`` times a section; ``next_step()`` closes the current step's record.  A step's record
-    holds its sampler step ("step", with the audio encoding inside it as "audio") and the decode of the
-    block it emitted ("vae")."""
-
-    def part(self, name: str):
-        return contextlib.nullcontext()
-
-    def next_step(self) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,7 +138,9 @@ class StreamingSampler:
         if tc > 0:
             x = add_noise(clean, self.noise(block, -1, clean.shape), tc / self.schedule.noise.num_train_timesteps)
         t = torch.full((self.batch, clean.shape[2]), tc, device=self.model.device)
-        _, kv = self.model(i2v_input(x, self.ref, first), t, audio, cache=self.cache, return_kv=True, skip_head=True)
+        with self.cache.clean_rerun():
+            _, kv = self.model(i2v_input(x, self.ref, first), t, audio, cache=self.cache, return_kv=True,
+                               skip_head=True)
         self.cache.push_temporal(kv)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from avatarforcing import AvatarForcingError
 from avatarforcing.attention import CacheConfig
 from avatarforcing.audio import MelFeatures, latent_audio
-from avatarforcing.pipeline import AudioFeed, AvatarPipeline, blocks_for_latent_frames
+from avatarforcing.audio import AudioFeed
+from avatarforcing.pipeline import AvatarPipeline, blocks_for_latent_frames
 from avatarforcing.schedule import WindowSchedule
 from avatarforcing.text import TextEncoder
 from helpers import random_tiny_model, schedule_cfg

@@ -186,8 +186,9 @@ def build_cache(model, cache_cfg: CacheConfig, schedule: WindowSchedule, ref: to
             eps = torch.randn(x.shape, generator=noise_gen).to(x)
             x = add_noise(x, eps, tc / schedule.noise.num_train_timesteps)
         t = torch.full((batch, B), tc, device=ref.device)
-        _, kv = model(i2v_input(x, ref, f0), t, _audio_slice(audio, f0, f1), text, cache=cache,
-                      return_kv=True, skip_head=True)
+        with cache.clean_rerun():
+            _, kv = model(i2v_input(x, ref, f0), t, _audio_slice(audio, f0, f1), text, cache=cache,
+                          return_kv=True, skip_head=True)
         cache.push_temporal(kv)
     if cache_cfg.style_anchor and not cache_cfg.zero_anchor_audio:
         f0 = block_frames(first_block, B)[0]
