@@ -86,19 +86,22 @@ def run(args) -> list[Path]:
         if args.num_output_frames is not None:
             num_blocks = blocks_for_latent_frames(args.num_output_frames, int(cfg.schedule.block_frames))
         pipe = AvatarPipeline.from_config(cfg, checkpoint)
-        for item in items:                                 # fail before generating anything
-            pipe.load_images([item.image])
-        written, size = [], max(1, int(cfg.inference.batch_size))
-        for start in range(0, len(items), size):
-            batch = items[start:start + size]
-            outputs = [folder / f"{start + i:04d}_{it.image.stem}.mp4" for i, it in enumerate(batch)]
-            paths = pipe.generate([it.image for it in batch], [it.audio for it in batch], outputs,
-                                  [it.prompt for it in batch], [seed + start + i for i in range(len(batch))],
+        # Fail before generating anything; batch only items whose videos have the same size (keep_aspect).
+        by_size: dict[tuple, list[int]] = {}
+        for index, item in enumerate(items):
+            by_size.setdefault(tuple(pipe.load_images([item.image]).shape[-2:]), []).append(index)
+        size = max(1, int(cfg.inference.batch_size))
+        batches = [group[i:i + size] for group in by_size.values() for i in range(0, len(group), size)]
+        written = {}
+        for batch in batches:
+            outputs = [folder / f"{i:04d}_{items[i].image.stem}.mp4" for i in batch]
+            paths = pipe.generate([items[i].image for i in batch], [items[i].audio for i in batch], outputs,
+                                  [items[i].prompt for i in batch], [seed + i for i in batch],
                                   duration=duration, progress=progress, num_blocks=num_blocks)
-            for path in paths:
+            for i, path in zip(batch, paths):
                 print(path, flush=True)
-            written += paths
-        return written
+                written[i] = path
+        return [written[i] for i in sorted(written)]
 
     from avatarforcing.media import load_audio, load_image
 
@@ -112,7 +115,7 @@ def run(args) -> list[Path]:
     if output.is_dir() or str(args.output or "").endswith(("/", "\\")):
         output = output / f"{image.stem}.mp4"
     # Check the inputs and the output folder before building the model.
-    load_image(image, int(cfg.inference.height), int(cfg.inference.width))
+    load_image(image, int(cfg.inference.height), int(cfg.inference.width), str(cfg.inference.resize))
     load_audio(audio)
     check_writable(output)
     pipe = AvatarPipeline.from_config(cfg, checkpoint)

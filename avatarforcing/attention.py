@@ -134,6 +134,7 @@ class StreamCache:
     temporal: KV | None = None
     next_frame: int = 1
     rerun: bool = False                    # True inside clean_rerun(): the forward writes the temporal cache
+    window_frames: int = 0                 # widest window forwarded so far (steady state: L*B)
     _rotated: tuple | None = field(default=None, repr=False)   # memo of rotated_context()
 
     @contextlib.contextmanager
@@ -189,6 +190,18 @@ class StreamCache:
             self._rotated = (self.anchor, self.temporal, key, out)
         return out
 
+    def steady_layout(self, num_frames: int) -> bool:
+        """Whether a forward of ``num_frames`` frames has the steady-state layout, whose shapes repeat every
+        step: the full context (anchor and ``temporal_frames`` of cache) and the widest window seen so far (L
+        blocks; a window forward also records its width), or the clean re-run.  Warm-up and drain are not."""
+        if not self.rerun:
+            self.window_frames = max(self.window_frames, num_frames)
+        if self.cfg.style_anchor and self.anchor is None:
+            return False
+        n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
+        budget = self.cfg.temporal_frames if self.cfg.temporal_anchor else 0
+        return n_t == max(budget, 0) and (self.rerun or num_frames == self.window_frames)
+
     def window_positions(self, num_frames: int) -> torch.Tensor:
         n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
         return torch.arange(n_t, n_t + num_frames)
@@ -198,10 +211,15 @@ class StreamCache:
         self.next_frame += kv.frames
         if not self.cfg.temporal_anchor or self.cfg.temporal_frames <= 0:
             return
-        kv = kv.detach()
-        merged = KV.cat(self.temporal, kv).tail(self.cfg.temporal_frames, self.tokens_per_frame)
-        # Own the storage: slices of a larger tensor would keep the whole block alive.
-        self.temporal = KV([k.contiguous() for k in merged.k], [v.contiguous() for v in merged.v], merged.frames)
+        self._rotated = None                  # the memo holds the previous temporal K/V: let them go now
+        n = self.cfg.temporal_frames
+        kv = kv.detach().tail(n, self.tokens_per_frame)
+        old = n - kv.frames                   # frames still needed from the previous cache
+        if old > 0 and self.temporal is not None:
+            kv = KV.cat(self.temporal.tail(old, self.tokens_per_frame), kv)          # new tensors
+        else:   # own the storage: a slice would keep the whole re-run block alive (a view stays a view)
+            kv = KV([k.clone() for k in kv.k], [v.clone() for v in kv.v], kv.frames)
+        self.temporal = kv
 
     def nbytes(self) -> int:
         total = 0

@@ -12,8 +12,15 @@ Two extractors share one interface:
 - :class:`MelFeatures`: weight-free log-mel features for the synthetic world and tests.
 
 Both encode a whole clip at once (:meth:`AudioFeatureExtractor.encode`, what the reference release
-does) or incrementally (:meth:`AudioFeatureExtractor.stream`): fixed chunks, each re-encoded together
-with some seconds of past audio, and a running mean/variance instead of whole-clip statistics.
+does and what its weights were trained on) or incrementally (:meth:`AudioFeatureExtractor.stream`): fixed
+chunks, each re-encoded together with some seconds of past audio only, and a running mean/variance
+instead of whole-clip statistics.
+
+The feed of a generated stream (:class:`AudioFeed`, used by the pipeline) serves per-latent-frame
+features for each window of the sampler: files and whole waveforms offline (``audio.file_features``,
+default ``offline``), live sources with :class:`LookaheadRows`, which re-encodes the window's audio every
+step with left context and all audio up to the window end (+ ``audio.lookahead_seconds``), so a block's
+features gain right context as it moves through the window and are final when it is emitted.
 """
 from __future__ import annotations
 
@@ -70,6 +77,22 @@ class _RunningStats:
         return mean, max(self.sumsq / max(self.n, 1) - mean * mean, 0.0)
 
 
+FILE_FEATURES = ("offline", "streaming")   # audio.file_features: how a file / whole waveform is encoded
+
+
+def _seconds(key: str, value, meaning: str, positive: bool = False) -> float:
+    """Validate a duration config value audio.<key> -> float seconds (one-line error naming the fix)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise AvatarForcingError(f"audio.{key} is {value!r}; it must be a number of seconds {bound} ({meaning}), "
+                                 f"e.g. audio.{key}={0.64 if positive else 0.0}")
+    return seconds
+
+
 class AudioFeatureExtractor(nn.Module):
     """Base class: per-video-frame audio features at 25 fps from 16 kHz mono audio."""
 
@@ -77,10 +100,18 @@ class AudioFeatureExtractor(nn.Module):
     sample_rate = SAMPLE_RATE
     fps = FPS
 
-    def __init__(self, chunk_seconds: float = 0.64, left_context_seconds: float = 2.0):
+    def __init__(self, chunk_seconds: float = 0.64, left_context_seconds: float = 2.0,
+                 lookahead_seconds: float = 0.0, file_features: str = "offline"):
         super().__init__()
-        self.chunk_seconds = chunk_seconds
-        self.left_context_seconds = left_context_seconds
+        self.chunk_seconds = _seconds("chunk_seconds", chunk_seconds, "chunks of audio encoded at once", positive=True)
+        self.left_context_seconds = _seconds("left_context_seconds", left_context_seconds,
+                                             "past audio re-encoded with each window")
+        self.lookahead_seconds = _seconds("lookahead_seconds", lookahead_seconds,
+                                          "future audio a streaming window waits for; 0 = no added latency")
+        if file_features not in FILE_FEATURES:
+            raise AvatarForcingError(f"audio.file_features is {file_features!r}; use offline (whole clip in one forward, "
+                                     "as the released weights were trained) or streaming")
+        self.file_features = file_features
 
     @property
     def samples_per_frame(self) -> int:
@@ -125,7 +156,8 @@ class AudioFeatureExtractor(nn.Module):
 
 
 class AudioFeatureStream:
-    """Streaming encoder: `push` audio as it arrives, get the rows of video frames that became complete.
+    """Left-context-only streaming encoder: `push` audio as it arrives, get the rows of video frames that
+    became complete (final at once, no right context; the pipeline's feed uses :class:`LookaheadRows`).
 
     Audio is processed in chunks of `chunk_seconds` (rounded to whole 25 fps frames); each chunk is
     encoded together with `left_context_seconds` of past audio and only the chunk's rows are kept.
@@ -218,8 +250,8 @@ class Wav2Vec2Features(AudioFeatureExtractor):
 
     min_samples = 400  # receptive field of the CNN
 
-    def __init__(self, model, chunk_seconds: float = 0.64, left_context_seconds: float = 2.0):
-        super().__init__(chunk_seconds, left_context_seconds)
+    def __init__(self, model, **options):
+        super().__init__(**options)  # streaming / file options (AudioFeatureExtractor)
         self.model = model.eval().requires_grad_(False)
         cfg = model.config
         self.feature_dim = (cfg.num_hidden_layers + 2) * cfg.hidden_size
@@ -274,13 +306,14 @@ class MelFeatures(AudioFeatureExtractor):
     [640 (i+1) - 1024, 640 (i+1))), so a frame depends only on its own and the previous 384 samples.
     Features: n_mels log-mel energies + log energy (static, fixed affine normalization) and their
     backward differences (static[i] - static[i-1]): feature_dim = 2 (n_mels + 1).
-    Streaming with at least one frame of left context therefore equals offline encoding."""
+    Streaming with at least two frames of left context (the delta needs the previous frame's window)
+    therefore equals offline encoding, bit for bit (computed in float64)."""
 
     n_fft = 1024
     log_offset, log_scale = 6.0, 4.0  # fixed normalization: (log(power + 1e-6) + 6) / 4 is O(1)
 
-    def __init__(self, n_mels: int = 31, chunk_seconds: float = 0.64, left_context_seconds: float = 2.0):
-        super().__init__(chunk_seconds, left_context_seconds)
+    def __init__(self, n_mels: int = 31, **options):
+        super().__init__(**options)  # streaming / file options (AudioFeatureExtractor)
         from transformers.audio_utils import mel_filter_bank
         self.n_mels = n_mels
         self.feature_dim = 2 * (n_mels + 1)
@@ -291,17 +324,19 @@ class MelFeatures(AudioFeatureExtractor):
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
 
     def window_features(self, wav, num_frames, stats=None):
+        # float64 inside: a frame's float32 result then does not depend on how many frames are computed
+        # together (BLAS picks other kernels for few rows), so streaming windows equal `encode` bit for bit.
         spf = self.samples_per_frame
-        wav = wav.to(self.mel_fb.device, torch.float32)[:num_frames * spf]
+        wav = wav.to(self.mel_fb.device, torch.float64)[:num_frames * spf]
         wav = F.pad(wav, (self.n_fft - spf, num_frames * spf - len(wav)))  # causal left pad, pad last frame
-        spec = torch.stft(wav, self.n_fft, hop_length=spf, window=self.window, center=False,
+        spec = torch.stft(wav, self.n_fft, hop_length=spf, window=self.window.double(), center=False,
                           return_complex=True)                        # [513, num_frames]
         power = spec.abs().pow(2).T / self.n_fft                      # [num_frames, 513]
-        static = torch.cat([power @ self.mel_fb, power.sum(-1, keepdim=True)], -1)
+        static = torch.cat([power @ self.mel_fb.double(), power.sum(-1, keepdim=True)], -1)
         static = (torch.log(static + 1e-6) + self.log_offset) / self.log_scale  # [num_frames, n_mels+1]
         silence = (math.log(1e-6) + self.log_offset) / self.log_scale
         prev = torch.cat([torch.full_like(static[:1], silence), static[:-1]])
-        return torch.cat([static, static - prev], -1)                 # [num_frames, 2 (n_mels+1)]
+        return torch.cat([static, static - prev], -1).float()         # [num_frames, 2 (n_mels+1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +348,10 @@ def build_audio_encoder(cfg_audio) -> AudioFeatureExtractor:
     if int(cfg_audio.get("sample_rate", SAMPLE_RATE)) != SAMPLE_RATE:
         raise AvatarForcingError(f"audio.sample_rate is {cfg_audio.get('sample_rate')}; it must be 16000 "
                                  "(input audio is resampled to it)")
-    stream_kw = dict(chunk_seconds=float(cfg_audio.get("chunk_seconds", 0.64)),
-                     left_context_seconds=float(cfg_audio.get("left_context_seconds", 2.0)))
+    stream_kw = dict(chunk_seconds=cfg_audio.get("chunk_seconds", 0.64),
+                     left_context_seconds=cfg_audio.get("left_context_seconds", 2.0),
+                     lookahead_seconds=cfg_audio.get("lookahead_seconds", 0.0),
+                     file_features=cfg_audio.get("file_features", "offline"))
     if kind == "world":
         return MelFeatures(n_mels=int(cfg_audio.get("n_mels", 31)), **stream_kw)
     if kind == "wav2vec2":
@@ -328,7 +365,7 @@ def build_audio_encoder(cfg_audio) -> AudioFeatureExtractor:
 
 
 # ----------------------------------------------------------------------------------------------
-# the audio feed of a stream: source chunks -> streaming encoder -> per-latent-frame features
+# the audio feed of a stream: source -> per-video-frame rows -> per-latent-frame features
 
 
 def is_waveform(source) -> bool:
@@ -336,19 +373,25 @@ def is_waveform(source) -> bool:
     return isinstance(source, (np.ndarray, torch.Tensor)) and source.ndim == 1
 
 
+def _whole_waveform(source):
+    """The samples of a file path (decoded, resampled, downmixed) or a waveform [N]; None for live sources."""
+    from .media import load_audio
+
+    if isinstance(source, (str, os.PathLike)):
+        return load_audio(source)
+    return source if is_waveform(source) else None
+
+
 def _chunks(source, chunk_samples: int) -> Iterator:
     """Any audio source -> an iterator of 16 kHz mono sample chunks.
 
     None: no audio; a path: the file (decoded, resampled, downmixed); a waveform [N]: split into chunks;
     a ``queue.Queue``: chunks until a ``None`` item; any other iterable: its chunks as they come."""
-    from .media import load_audio
-
     if source is None:
         return iter(())
-    if isinstance(source, (str, os.PathLike)):
-        source = load_audio(source)
-    if is_waveform(source):
-        return (source[i:i + chunk_samples] for i in range(0, len(source), chunk_samples))
+    whole = _whole_waveform(source)
+    if whole is not None:
+        return (whole[i:i + chunk_samples] for i in range(0, len(whole), chunk_samples))
     if isinstance(source, queue.Queue):
         return _drain(source)
     try:
@@ -364,57 +407,146 @@ def _drain(q: queue.Queue) -> Iterator:
         yield item
 
 
-class AudioFeed:
-    """The audio state of one stream (one batch item).
+class OfflineRows:
+    """Rows of a whole waveform, encoded in one forward (``encoder.encode``, exactly what the release does).
 
-    ``rows[j - offset]`` drives video frame j (row 0 is the zero row, see avatarforcing/audio.py);
-    ``received`` rows exist so far.  Rows no future window needs are dropped."""
+    ``rows(lo, hi)`` may only move forward; rows before ``lo`` are dropped as the windows pass."""
 
-    def __init__(self, encoder, source, chunk_samples: int, profiler=None):
-        self.encoder_stream = encoder.stream()
-        self.chunks = _chunks(source, chunk_samples)
-        self.dim = int(encoder.feature_dim)
-        self.profiler = profiler or NullProfiler()
-        self.rows = torch.zeros(0, self.dim)        # [n, D] on the encoder's device
-        self.offset = 0                             # video frame of rows[0]
-        self.received = 0                           # video frames with audio rows so far
+    def __init__(self, encoder: AudioFeatureExtractor, wav, profiler):
+        self.encoder, self.wav, self.profiler = encoder, _as_wav(wav), profiler
+        self.received = 1 + encoder.num_audio_frames(len(self.wav))   # rows: the zero row + one per audio frame
+        self.ended = True
+        self._rows: torch.Tensor | None = None                        # [n, D] from video frame self._first on
+        self._first = 0
+
+    def reaches(self, frame: int) -> bool:
+        return self.received > frame
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 -> [hi-lo, D]; zeros past the end of the audio."""
+        if self._rows is None:
+            with self.profiler.part("audio"):
+                self._rows = self.encoder.encode(self.wav).float()   # [received, D]
+            self.wav = None
+        if 2 * (lo - self._first) > len(self._rows):                  # drop passed rows (amortised copy)
+            self._rows, self._first = self._rows[lo - self._first:].clone(), lo
+        return _fit_rows(self._rows[lo - self._first:hi - self._first], hi - lo)
+
+
+class LookaheadRows:
+    """Rows of a live source, re-encoded for every window with left context and all audio up to the right.
+
+    ``rows(lo, hi)`` encodes one window of audio frames: ``left_context_seconds`` before the first needed
+    frame (lo-1) up to ``lookahead_seconds`` past the last one (hi-2), or the end of the audio. The sampler
+    asks for its whole window each step, so the newest block sees only ``lookahead_seconds`` of right context
+    and each later step revises it with one more block of it; the oldest (emitted) block's features saw
+    (L-1) B 4 frames (1.92 s for L = B = 4) plus the look-ahead. MelFeatures is causal, so there this equals
+    ``encode`` exactly (given >= 2 frames = 0.08 s of left context).
+
+    Normalization: the running mean / variance of all audio from the start of the stream up to the window's
+    right edge (wav2vec2's zero-mean / unit-variance, with statistics that converge to the clip's). The right
+    edge and the statistics depend only on the window, never on how the audio arrives in chunks.
+    Memory is flat: audio before the left edge of the current window is dropped (windows only move forward),
+    and the source is read only as far as the window's right edge (live sources block there)."""
+
+    def __init__(self, encoder: AudioFeatureExtractor, chunks: Iterator, profiler):
+        self.encoder, self.chunks, self.profiler = encoder, chunks, profiler
+        self.spf = encoder.samples_per_frame
+        self.context = round(encoder.left_context_seconds * encoder.fps)    # audio frames
+        self.lookahead = round(encoder.lookahead_seconds * encoder.fps)     # audio frames
+        self.buf = torch.zeros(0)          # samples [buf_start, buf_start + len(buf)), then the pending chunks
+        self.pending: list[torch.Tensor] = []
+        self.buf_start = 0                 # sample index of buf[0] (a whole audio frame)
+        self.total = 0                     # samples received
         self.ended = False
+        self.stats, self.stats_end = _RunningStats(), 0   # statistics of samples [0, stats_end)
+
+    @property
+    def received(self) -> int:
+        """Rows with audio so far: the zero row + the complete audio frames (+ a last partial one at the end)."""
+        frames = self.encoder.num_audio_frames(self.total) if self.ended else self.total // self.spf
+        return 1 + frames
 
     def _pull(self) -> None:
         chunk = next(self.chunks, None)
-        with self.profiler.part("audio"):
-            if chunk is None:
-                new = self.encoder_stream.flush()
-                self.ended = True
-            else:
-                new = self.encoder_stream.push(chunk)
-        if len(new):
-            self.rows = torch.cat([self.rows.to(new.device), new.float()])
-            self.received += len(new)
+        if chunk is None:
+            self.ended = True
+            return
+        chunk = _as_wav(chunk)
+        self.pending.append(chunk)
+        self.total += len(chunk)
 
     def reaches(self, frame: int) -> bool:
-        """Whether the audio has a row for video frame ``frame`` (pulls chunks until known)."""
         while self.received <= frame and not self.ended:
             self._pull()
         return self.received > frame
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 (lo >= 1; row j = audio frame j-1) -> [hi-lo, D]; zeros past the end of the audio."""
+        spf, enc = self.spf, self.encoder
+        want = (hi - 1 + self.lookahead) * spf                     # right edge wanted (samples)
+        while self.total < want and not self.ended:
+            self._pull()
+        left, right = max(0, lo - 1 - self.context) * spf, min(want, self.total)
+        if self.pending:
+            self.buf, self.pending = torch.cat([self.buf, *self.pending]), []
+        if right > self.stats_end:
+            self.stats.update(self.buf[self.stats_end - self.buf_start:right - self.buf_start])
+            self.stats_end = right
+        window = self.buf[left - self.buf_start:max(right, left) - self.buf_start]   # [N] from audio frame left/spf
+        n = enc.num_audio_frames(len(window))
+        out = torch.zeros(hi - lo, enc.feature_dim, device=enc.device)
+        if n > lo - 1 - left // spf:
+            with self.profiler.part("audio"):
+                feats = enc.window_features(window, n, self.stats.mean_var()).float()   # [n, D]
+            got = feats[lo - 1 - left // spf:hi - 1 - left // spf]
+            out[:len(got)] = got
+        self.buf, self.buf_start = self.buf[left - self.buf_start:], left   # no later window starts earlier
+        return out
+
+
+class AudioFeed:
+    """The audio of one stream (one batch item), served per latent frame to the sampler.
+
+    A file or whole waveform is encoded offline (:class:`OfflineRows`) unless the encoder was built with
+    ``audio.file_features=streaming``; live sources (iterables, ``queue.Queue``) always stream
+    (:class:`LookaheadRows`), and so does a file in streaming mode, fed in chunks of ``chunk_samples``.
+    ``received`` rows (video frames, the zero row included) have audio so far."""
+
+    def __init__(self, encoder: AudioFeatureExtractor, source, chunk_samples: int, profiler=None):
+        profiler = profiler or NullProfiler()
+        self.dim, self.device = int(encoder.feature_dim), encoder.device
+        whole = _whole_waveform(source) if encoder.file_features == "offline" else None
+        if whole is not None:
+            self.source = OfflineRows(encoder, whole, profiler)
+        else:
+            self.source = LookaheadRows(encoder, _chunks(source, chunk_samples), profiler)
+        self.first = 1                      # first video frame still available (windows move forward)
+
+    @property
+    def received(self) -> int:
+        return self.source.received
+
+    @property
+    def ended(self) -> bool:
+        return self.source.ended
+
+    def reaches(self, frame: int) -> bool:
+        """Whether the audio has a row for video frame ``frame`` (pulls live chunks until known)."""
+        return self.source.reaches(frame)
 
     def latent(self, start: int, stop: int) -> torch.Tensor:
         """Features of latent frames start..stop-1 -> [stop-start, 4D]; zeros past the end of the audio."""
         lo = LATENT_STRIDE * max(start, 1) - 3          # first video frame needed
         hi = LATENT_STRIDE * (stop - 1) + 1             # one past the last
-        if lo < self.offset:
+        if lo < self.first:
             raise RuntimeError(f"audio of latent frame {start} was already dropped (windows must move forward)")
-        self.reaches(hi - 1)
-        out = torch.zeros(stop - start, LATENT_STRIDE * self.dim, device=self.rows.device)
-        if stop > max(start, 1):
-            got = self.rows[max(lo - self.offset, 0):max(hi - self.offset, 0)]   # [<= hi-lo, D]
-            flat = got.reshape(-1)
-            out[max(start, 1) - start:].view(-1)[:flat.numel()] = flat
-        # Windows only move forward: drop rows before this window's first frame.
-        if lo > self.offset:
-            self.rows = self.rows[lo - self.offset:].clone()
-            self.offset = lo
-        return out
+        self.first = lo
+        if stop <= max(start, 1):                       # only the reference frame: zero audio
+            return torch.zeros(stop - start, LATENT_STRIDE * self.dim, device=self.device)
+        rows = self.source.rows(lo, hi)                 # [hi-lo, D]
+        zero = rows.new_zeros(max(start, 1) - start, LATENT_STRIDE * self.dim)
+        return torch.cat([zero, rows.reshape(-1, LATENT_STRIDE * self.dim)])
 
 
 class BatchAudio:

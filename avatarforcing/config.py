@@ -59,10 +59,14 @@ _REFERENCE_IGNORED = {
 }
 
 
+# Our own sections may ride along in a reference-layout file (configs/avatarforcing.yaml sets the
+# release-fidelity switches there); they are merged as they are, after the translated keys.
+_OWN_SECTIONS = {"model", "schedule", "cache", "vae", "audio", "text", "inference"}
+
+
 def _is_reference_config(cfg: DictConfig) -> bool:
     keys = set(cfg.keys())
-    return bool(keys & {"model_kwargs", "denoising_step_list", "denoise_steps", "num_frame_per_block"}) and not (
-        keys & {"model", "schedule", "cache"})
+    return bool(keys & {"model_kwargs", "denoising_step_list", "denoise_steps", "num_frame_per_block"})
 
 
 def translate_reference_config(ref: DictConfig) -> DictConfig:
@@ -91,7 +95,7 @@ def translate_reference_config(ref: DictConfig) -> DictConfig:
                     put(f"model.{k}", v)
             if "timestep_shift" in (value or {}):
                 put("schedule.shift", value["timestep_shift"])
-        elif key in _REFERENCE_IGNORED:
+        elif key in _REFERENCE_IGNORED or key in _OWN_SECTIONS:
             continue
         else:
             raise AvatarForcingError(
@@ -99,7 +103,8 @@ def translate_reference_config(ref: DictConfig) -> DictConfig:
     # The reference release counts steps in the 1000-step table and warps them.
     if "steps" in out.get("schedule", {}):
         out["schedule"]["warp"] = bool(ref.get("warp_denoising_step", True))
-    return OmegaConf.create(out)
+    own = {k: ref[k] for k in ref.keys() if k in _OWN_SECTIONS}
+    return OmegaConf.merge(OmegaConf.create(out), OmegaConf.create(own))
 
 
 def _load_yaml(path: os.PathLike | str) -> DictConfig:

@@ -106,19 +106,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path_or_array, height: int, width: int) -> torch.Tensor:
-    """Load a reference image, resize it to cover `height` x `width`, center-crop -> [3, H, W] in [-1, 1]."""
+RESIZE_MODES = ("keep_aspect", "cover")
+
+
+def keep_aspect_size(image_width: int, image_height: int, height: int, width: int) -> tuple[int, int]:
+    """The reference release's size rule -> (H, W): the image's aspect ratio within an area of
+    ``height * width`` (480*832 by default), both sides floored to multiples of 16 (at least 16)."""
+    scale = math.sqrt(height * width / (image_width * image_height))
+    return (max(16, int(image_height * scale + 1e-6) // 16 * 16), max(16, int(image_width * scale + 1e-6) // 16 * 16))
+
+
+def load_image(path_or_array, height: int, width: int, resize: str = "cover") -> torch.Tensor:
+    """Load a reference image -> [3, H, W] in [-1, 1].
+
+    resize="cover": resize to cover ``height x width`` and center-crop to exactly that size;
+    resize="keep_aspect" (the reference release): keep the image's aspect ratio within the area
+    ``height * width`` (:func:`keep_aspect_size`), so the output size follows the image."""
     if height % 16 or width % 16 or height <= 0 or width <= 0:
         raise AvatarForcingError(
             f"image size {height}x{width} is not a multiple of 16; use e.g. "
             f"{max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}")
+    if resize not in RESIZE_MODES:
+        raise AvatarForcingError(f"inference.resize is '{resize}'; use keep_aspect (the release) or cover")
     img = _to_rgb(_to_pil(path_or_array))
     w, h = img.size
-    scale = max(height / h, width / w)
-    new_w, new_h = max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6))
-    img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    img = img.crop((left, top, left + width, top + height))
+    if resize == "keep_aspect":
+        height, width = keep_aspect_size(w, h, height, width)
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    else:
+        scale = max(height / h, width / w)
+        new_w, new_h = max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6))
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        img = img.crop((left, top, left + width, top + height))
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
     return x.float() / 127.5 - 1.0
 

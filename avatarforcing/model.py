@@ -15,6 +15,7 @@ per-frame modulation e [B, F, 6, dim]; audio features per latent frame [B, F, au
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -228,6 +229,7 @@ class WanDiT(nn.Module):
         self.audio_proj = AudioProjection(cfg.audio_dim, cfg.audio_proj_dim)
         self.audio_cond_projs = nn.ModuleList([nn.Linear(cfg.audio_proj_dim, dim) for _ in cfg.audio_block_ids])
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self._compiled = None               # compile_streaming()
         self.init_weights()
 
     def init_weights(self):
@@ -303,13 +305,18 @@ class WanDiT(nn.Module):
         frame_pos: [F] RoPE frame positions (default 0..F-1; ignored with a cache)
         mask: boolean token mask [S, S] for structured attention without a cache
         return_kv: also return this call's pre-RoPE K/V per block (for the cache)
+
+        The Python bookkeeping (timesteps, text K/V, RoPE tables, the cached context) happens here; the
+        tensor work is :meth:`forward_core`, which :meth:`compile_streaming` compiles for the steady state.
         """
         B, _, Fn, H, W = x.shape
         _, ph, pw = self.cfg.patch_size
         h, w = H // ph, W // pw
-        tokens = self.patch_embedding(x.to(self.dtype))                       # [B, C, F, h, w]
-        tokens = rearrange(tokens, "b c f h w -> b (f h w) c")
-        e, e0 = self.time_embed(t, Fn, B)
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, Fn)                                      # [B, F]
 
         if text is None:
             text_kv = cache.text if cache is not None else None
@@ -326,7 +333,34 @@ class WanDiT(nn.Module):
             frame_pos = cache.window_positions(Fn)
         elif frame_pos is None:
             frame_pos = torch.arange(Fn)
-        rope = self.rope(torch.as_tensor(frame_pos), h, w, self.device)
+        rope = self.rope(torch.as_tensor(frame_pos), h, w, self.device)    # memoised: constant per layout
+
+        core = self.forward_core
+        compiled = self._compiled
+        if compiled is not None and cache is not None and mask is None and cache.steady_layout(Fn):
+            core = compiled.run
+        out, ks, vs = core(x, t, audio, list(text_kv), rope, ctx, mask, return_kv=return_kv, skip_head=skip_head)
+        if return_kv:
+            return out, KV(ks, vs, Fn)
+        return out
+
+    def forward_core(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
+                     text_kv: list[tuple[torch.Tensor, torch.Tensor]], rope: tuple[torch.Tensor, torch.Tensor],
+                     ctx: list[tuple[torch.Tensor, torch.Tensor]] | None = None, mask: torch.Tensor | None = None,
+                     return_kv: bool = False, skip_head: bool = False):
+        """The forward on tensors only (no Python-side state): what torch.compile traces.
+
+        x [B, in_dim, F, H, W]; t [B, F]; audio [B, F, audio_dim] or None; text_kv per block (k, v)
+        [B, L, H, D]; rope (cos, sin) [F*h*w, D/2] for x's tokens; ctx per block (rotated k, v) [B, S_c, H, D]
+        prepended to the self-attention K/V, or None.  Returns (flow or None, per-block k, per-block v); the
+        lists are empty unless ``return_kv``.
+        """
+        B, _, Fn, H, W = x.shape
+        _, ph, pw = self.cfg.patch_size
+        h, w = H // ph, W // pw
+        tokens = self.patch_embedding(x.to(self.dtype))                       # [B, C, F, h, w]
+        tokens = rearrange(tokens, "b c f h w -> b (f h w) c")
+        e, e0 = self.time_embed(t, Fn, B)
 
         codes = self.audio_codes(audio, B, Fn)
         audio_at = {blk_id: i for i, blk_id in enumerate(self.cfg.audio_block_ids)}
@@ -349,9 +383,66 @@ class WanDiT(nn.Module):
             out = self.head(tokens, e)                                         # [B, S, out*p]
             out = rearrange(out, "b (f h w) (pf ph pw c) -> b c (f pf) (h ph) (w pw)", f=Fn, h=h, w=w,
                             pf=self.cfg.patch_size[0], ph=ph, pw=pw)
-        if return_kv:
-            return out, KV(ks, vs, Fn)
-        return out
+        return out, ks, vs
+
+    # ---- compilation --------------------------------------------------------------------------
+    def compile_streaming(self, mode: str = "default", backend="inductor") -> None:
+        """Run the streaming steady state through ``torch.compile(forward_core)``; compiles lazily.
+
+        Compiled: forwards with a cache whose layout repeats every step (full context [anchor | temporal]
+        and the full window of L blocks, or the clean re-run), i.e. two static-shape graphs per batch size
+        and dtype.  Warm-up, drain, the anchor prefill and cache-free forwards stay eager (each shape runs
+        once per stream).  mode: ``default`` | ``reduce-overhead`` (CUDA graphs on GPU) | ``max-autotune``
+        (as torch.compile); backend: as torch.compile (tests pass a counting backend)."""
+        if mode not in _COMPILE_MODES:
+            from . import AvatarForcingError
+            raise AvatarForcingError(f"inference.compile_mode is '{mode}'; use one of {', '.join(_COMPILE_MODES)}")
+        self._compiled = _CompiledCore(self, mode, backend)
+
+    def compile_report(self) -> list[dict]:
+        """One entry per compiled graph: its layout and the seconds of its first call (tracing + codegen)."""
+        return [] if self._compiled is None else list(self._compiled.report)
+
+
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class _CompiledCore:
+    """``torch.compile(model.forward_core)`` (static shapes, no graph breaks) plus a log of its compiles.
+
+    With CUDA graphs (``reduce-overhead`` / ``max-autotune``) the outputs live in the graphs' memory pool,
+    which the next replay overwrites: they are cloned before they leave (the cache keeps the K/V)."""
+
+    def __init__(self, model: WanDiT, mode: str, backend):
+        kw = {} if mode == "default" else {"mode": mode}
+        # Dynamo's recompile limit (8) counts graphs per code object, i.e. of forward_core over every model
+        # instance: 2 per model x batch size x dtype.  Past it, calls would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.fn = torch.compile(model.forward_core, backend=backend, fullgraph=True, dynamic=False, **kw)
+        self.clone = mode in ("reduce-overhead", "max-autotune")
+        self.seen: set = set()
+        self.report: list[dict] = []
+
+    def __deepcopy__(self, memo):
+        return None         # a copy of the model must not call this model's forward_core: it runs eager
+
+    def run(self, x, t, audio, text_kv, rope, ctx, mask, return_kv=False, skip_head=False):
+        key = (tuple(x.shape), x.dtype, 0 if ctx is None else ctx[0][0].shape[1], return_kv, skip_head)
+        first = key not in self.seen
+        if first:
+            t0 = time.perf_counter()
+        out, ks, vs = self.fn(x, t, audio, text_kv, rope, ctx, mask, return_kv=return_kv, skip_head=skip_head)
+        if first:
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            self.seen.add(key)
+            self.report.append({"input": list(key[0]), "dtype": str(key[1]), "context_tokens": key[2],
+                                "return_kv": return_kv, "skip_head": skip_head,
+                                "first_call_s": time.perf_counter() - t0})
+        if self.clone:
+            out = None if out is None else out.clone()
+            ks, vs = [k.clone() for k in ks], [v.clone() for v in vs]
+        return out, ks, vs
 
 
 def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int) -> torch.Tensor:

@@ -6,11 +6,14 @@
     pipe.generate("face.png", "speech.wav", "out.mp4")       # the same, written to an mp4 with audio
 
 Per stream:
-1. the reference image is resized/cropped to ``inference.height x width`` and VAE-encoded to latent
-   frame 0; its decode is output frame 0 and it seeds the style anchor (SPEC section 3);
-2. :class:`AudioFeed` pulls audio chunks from the source (a whole waveform, a file, or a live
-   iterable / queue of chunks), runs the streaming audio encoder and serves per-latent-frame features
-   to the sampler: latent frame 0 gets zeros, latent frame k >= 1 the rows of video frames 4k-3..4k;
+1. the reference image is resized (``inference.resize``: keep its aspect ratio within the area
+   ``inference.height x width``, as the release does, or cover-crop to exactly that size) and VAE-encoded
+   to latent frame 0; its decode is output frame 0 and it seeds the style anchor (SPEC section 3);
+2. :class:`~avatarforcing.audio.AudioFeed` serves per-latent-frame audio features to the sampler (latent
+   frame 0 gets zeros, latent frame k >= 1 the rows of video frames 4k-3..4k): a file or whole waveform is
+   encoded at once (``audio.file_features=offline``, as in training); a live iterable / queue of chunks is
+   re-encoded each step with the right context that has arrived, so a block's features are final when
+   it is emitted;
 3. :class:`~avatarforcing.sampler.StreamingSampler` runs B_{L,N}; every emitted latent block is decoded
    at once by the streaming VAE decoder and yielded.
 
@@ -54,28 +57,55 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """'auto' -> cuda if available, else cpu."""
+    """'auto' -> cuda if available, else cpu.  Anything that cannot run here is a one-line error."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(str(name))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AvatarForcingError(f"device '{name}' requested but CUDA is not available; use inference.device=cpu")
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise AvatarForcingError(f"inference.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise AvatarForcingError(f"inference.device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AvatarForcingError(f"inference.device={name} requested but no CUDA GPU is available "
+                                     "(or this torch is a CPU build); use inference.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AvatarForcingError(f"inference.device={name}: only {torch.cuda.device_count()} CUDA device(s) "
+                                     f"here; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 compute: every CPU torch build here; CUDA from Ampere (compute capability 8.0) on."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 on CPU."""
+    """'auto' -> bf16 on a GPU that supports it (the dtype the released weights were trained in), else fp32.
+
+    fp16 is refused: Wan's activations overflow in fp16 (the release runs bf16)."""
     if isinstance(name, torch.dtype):
-        return name
-    if name is None or str(name) == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if str(name) not in _DTYPES:
-        raise AvatarForcingError(f"inference.dtype '{name}' is not known; use auto, fp32, bf16 or fp16")
-    return _DTYPES[str(name)]
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(name, str(name))
+    name = "auto" if name is None else str(name).lower()
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and bf16_supported(device) else torch.float32
+    if name in ("fp16", "float16", "half"):
+        raise AvatarForcingError("inference.dtype=fp16 is not supported: the Wan DiT overflows in fp16 (the released "
+                                 "weights run in bf16); use inference.dtype=bf16, or fp32 where bf16 is unsupported")
+    if name not in _DTYPES:
+        raise AvatarForcingError(f"inference.dtype '{name}' is not known; use auto, bf16 or fp32")
+    dtype = _DTYPES[name]
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        gpu = torch.cuda.get_device_name(device)
+        raise AvatarForcingError(f"inference.dtype=bf16 is not supported on {gpu} (needs compute capability >= 8.0); "
+                                 "use inference.dtype=fp32")
+    return dtype
 
 
 def default_config_path() -> Path:
@@ -112,8 +142,12 @@ class AvatarPipeline:
     fps: int = 25
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    resize: str = "keep_aspect"    # reference image: keep_aspect (the release) | cover (resize + center crop)
 
     def __post_init__(self):
+        from .media import RESIZE_MODES
+        if self.resize not in RESIZE_MODES:
+            raise AvatarForcingError(f"inference.resize is '{self.resize}'; use keep_aspect (the release) or cover")
         if self.height % 16 or self.width % 16 or self.height <= 0 or self.width <= 0:
             raise AvatarForcingError(
                 f"inference size {self.height}x{self.width} is not a multiple of 16 (8x VAE x 2x2 DiT patch); use e.g. "
@@ -136,9 +170,10 @@ class AvatarPipeline:
     @classmethod
     def from_config(cls, cfg, checkpoint: str | os.PathLike | None = None) -> "AvatarPipeline":
         """Build every component from a loaded config (avatarforcing.config.load_config)."""
-        from .audio import build_audio_encoder
+        from .audio import Wav2Vec2Features, build_audio_encoder
         from .checkpoint import load_dit
         from .config import resolve_path
+        from .lowvram import apply_memory_options
         from .text import build_text_encoder
         from .vae import build_vae
 
@@ -162,6 +197,8 @@ class AvatarPipeline:
                         "initialised weights (%d layers, dim %d); the video will not show a talking face",
                         model.cfg.num_layers, model.cfg.dim)
         model = model.to(device, dtype).eval().requires_grad_(False)
+        if inf.get("compile", False):           # lazy: compiles at the stream's first steady-state step
+            model.compile_streaming(str(inf.get("compile_mode", "default")))
 
         vae = build_vae(cfg.vae)
         if not cfg.vae.path:
@@ -170,10 +207,13 @@ class AvatarPipeline:
         vae = vae.to(device, dtype).eval().requires_grad_(False)
 
         audio_encoder = build_audio_encoder(cfg.audio).to(device).eval()
+        if isinstance(audio_encoder, Wav2Vec2Features):   # weights in the run dtype (mel features stay fp32)
+            audio_encoder.model.to(dtype)
         text_encoder = build_text_encoder(cfg.text, int(cfg.model.text_dim), int(cfg.model.text_len), dtype=dtype)
         text_encoder = text_encoder.to(device)
+        apply_memory_options(model, vae, audio_encoder, text_encoder, inf, device)   # quantize, offload, low_vram
         return cls(model, vae, audio_encoder, text_encoder, schedule, cache_cfg, int(inf.height), int(inf.width),
-                   int(inf.fps), device, dtype)
+                   int(inf.fps), device, dtype, str(inf.resize))
 
     def replace(self, **changes) -> "AvatarPipeline":
         """A copy sharing the components, e.g. ``pipe.replace(schedule=...)`` for the L x N sweep."""
@@ -197,18 +237,31 @@ class AvatarPipeline:
         return self.schedule.blocks_for_video_frames(video_frames)
 
     # ---- conditioning --------------------------------------------------------------------------
-    def load_images(self, images: Sequence) -> torch.Tensor:
-        """Paths / arrays / PIL images -> [B, 3, H, W] in [-1, 1] (resize to cover + center crop).
+    def frame_size(self, image_width: int, image_height: int) -> tuple[int, int]:
+        """(H, W) of the video for a reference image of that size (``inference.resize``)."""
+        from .media import keep_aspect_size
+        if self.resize == "keep_aspect":
+            return keep_aspect_size(image_width, image_height, self.height, self.width)
+        return self.height, self.width
 
-        A tensor [3, H, W] at the inference size is taken as already loaded (``media.load_image``)."""
+    def load_images(self, images: Sequence) -> torch.Tensor:
+        """Paths / arrays / PIL images -> [B, 3, H, W] in [-1, 1], sized by ``inference.resize``.
+
+        A float tensor [3, H, W] (channels first, H and W multiples of 16) is taken as already loaded by
+        ``media.load_image``; images are given channels last."""
         from .media import load_image
 
         out = []
         for img in images:
-            if isinstance(img, torch.Tensor) and img.shape == (3, self.height, self.width):
+            if (isinstance(img, torch.Tensor) and img.is_floating_point() and img.ndim == 3 and img.shape[0] == 3
+                    and img.shape[1] % 16 == 0 and img.shape[2] % 16 == 0):
                 out.append(img.float())          # already loaded by load_image
             else:
-                out.append(load_image(img, self.height, self.width))
+                out.append(load_image(img, self.height, self.width, self.resize))
+        sizes = sorted({tuple(x.shape[1:]) for x in out})
+        if len(sizes) > 1:
+            raise AvatarForcingError(f"the reference images of one batch get different sizes {sizes} under "
+                                     "inference.resize=keep_aspect; use inference.batch_size=1 or inference.resize=cover")
         return torch.stack(out)
 
     @torch.no_grad()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import time
+
+import torch
 
 
 class NullProfiler:
@@ -16,3 +19,71 @@ class NullProfiler:
 
     def next_step(self) -> None:
         pass
+
+
+class StepProfiler:
+    """Seconds per named part of every streaming step (the pipeline's profiler interface).
+
+    ``pipe.stream(..., profiler=prof)`` fills ``prof.records`` (one dict of part -> seconds per step);
+    ``with prof.hooks(model):`` splits the DiT forwards by forward hooks on the model: calls with
+    ``return_kv=True`` are the KV update (clean re-run; also the anchor prefill, which happens at start-up),
+    the rest the window forward(s).  On CUDA every boundary synchronizes, so parts are exact but the
+    host cannot run ahead of the GPU while profiling."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.records: list[dict[str, float]] = []
+        self.current: dict[str, float] = {}
+        self._t0: list[float] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.current[name] = self.current.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t0 = self._now()
+        try:
+            yield
+        finally:
+            self.add(name, self._now() - t0)
+
+    def next_step(self) -> None:
+        if self.current:
+            self.records.append(self.current)
+        self.current = {}
+
+    @contextlib.contextmanager
+    def hooks(self, model: torch.nn.Module):
+        def pre(module, args, kwargs):
+            self._t0.append(self._now())
+
+        def post(module, args, kwargs, out):
+            self.add("kv" if kwargs.get("return_kv") else "dit", self._now() - self._t0.pop())
+
+        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                   model.register_forward_hook(post, with_kwargs=True)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def emitting_steps(self) -> list[dict[str, float]]:
+        """Records of steps that emitted (and decoded) a block, with the derived parts ``other`` (the step
+        minus audio, DiT and KV) and ``total`` (step + VAE decode)."""
+        out = []
+        for r in self.records:
+            if "step" not in r or "vae" not in r:
+                continue
+            r = dict(r)
+            for k in ("audio", "dit", "kv"):
+                r.setdefault(k, 0.0)
+            r["other"] = max(0.0, r["step"] - r["audio"] - r["dit"] - r["kv"])
+            r["total"] = r["step"] + r["vae"]
+            out.append(r)
+        return out

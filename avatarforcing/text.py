@@ -5,17 +5,30 @@ Backends:
 - the original Wan2.1 file `models_t5_umt5-xxl-enc-bf16.pth` converted on load
   (:meth:`TextEncoder.from_wan_checkpoint`, key mapping in SPEC section 8),
 - `none`: zeros, for the synthetic world and text-free runs (:meth:`TextEncoder.none`).
+
+umT5-XXL is ~11 GB in bf16, more than the whole streaming model: :func:`build_text_encoder` returns a
+:class:`LazyTextEncoder` that loads it only for a prompt missing from its caches (in memory and on disk,
+``text.cache_dir``), on the GPU if it fits there or on the CPU (``text.device``), and frees it again after
+encoding unless ``text.keep_loaded``.
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import html
+import json
+import logging
+import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import AvatarForcingError
+
+log = logging.getLogger(__name__)
 
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_DIR = "google/umt5-xxl"
@@ -187,13 +200,17 @@ class TextEncoder(nn.Module):
         self._cache.clear()
 
     @torch.no_grad()
-    def _encode_new(self, prompts: list[str]) -> None:
+    def embed(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Per prompt the embeddings of its real tokens (incl. </s>): [len_i, text_dim], len_i <= text_len."""
         tok = self.tokenizer([clean_prompt(p) for p in prompts], padding=True, truncation=True,
                              max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
         mask = tok.attention_mask.to(self.device)
         hidden = self.model(input_ids=tok.input_ids.to(self.device), attention_mask=mask).last_hidden_state
-        for prompt, h, n in zip(prompts, hidden, mask.sum(1).tolist()):
-            self._cache[prompt] = h[:n]  # [len, text_dim]
+        return [h[:n] for h, n in zip(hidden, mask.sum(1).tolist())]
+
+    def _encode_new(self, prompts: list[str]) -> None:
+        for prompt, emb in zip(prompts, self.embed(prompts)):
+            self._cache[prompt] = emb  # [len, text_dim]
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
@@ -215,8 +232,197 @@ def _short(keys: list[str], n: int = 8) -> str:
     return str(keys[:n])[:-1] + (f", ... {len(keys) - n} more]" if len(keys) > n else "]")
 
 
-def build_text_encoder(cfg_text, text_dim: int, text_len: int = 512, dtype=torch.float32) -> TextEncoder:
-    """Text encoder from the `text:` config section; text_dim / text_len come from the DiT config."""
+# ----------------------------------------------------------------------------------------------
+# loaded only when needed, with a prompt-embedding cache
+
+_CACHE_VERSION = 1
+_TEXT_DEVICES = ("auto", "cpu")
+
+
+def file_fingerprint(paths: list[Path]) -> list[list]:
+    """Identity of model files for cache keys: [resolved path, size, mtime_ns] each (weights, not contents)."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+class LazyTextEncoder(nn.Module):
+    """prompts -> [B, text_len, text_dim] like :class:`TextEncoder`, loading umT5 only on a cache miss.
+
+    Per prompt the real-token embeddings [len, text_dim] are looked up in memory, then in ``cache_dir``
+    (one file per prompt, named by a hash of the prompt, the encoder files' path / size / mtime, text_len
+    and dtype); only the prompts found in neither are encoded.  The encoder is loaded for them on
+    ``run_device()`` (``device_policy`` auto: this module's device if the weights fit in its free memory,
+    else the CPU; cpu: always the CPU) and freed afterwards unless ``keep_loaded``.  ``loads`` counts loads.
+    The output is on this module's device (``.to(device)``), in ``dtype``."""
+
+    def __init__(self, loader: Callable[[torch.device], TextEncoder], model_files: list[Path], text_dim: int,
+                 text_len: int = 512, dtype: torch.dtype = torch.float32, device_policy: str = "auto",
+                 cache_dir: str | os.PathLike | None = None, keep_loaded: bool = False):
+        super().__init__()
+        if device_policy not in _TEXT_DEVICES:
+            raise AvatarForcingError(f"text.device is '{device_policy}'; use auto (the GPU if umT5 fits, else the "
+                                     "CPU) or cpu")
+        self.loader, self.model_files = loader, [Path(p) for p in model_files]
+        self.text_dim, self.text_len, self.dtype = int(text_dim), int(text_len), dtype
+        self.device_policy, self.keep_loaded = device_policy, bool(keep_loaded)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.encoder: TextEncoder | None = None
+        self.loads = 0
+        self._memory: dict[str, torch.Tensor] = {}     # prompt -> [len, text_dim] on the CPU
+        self._fingerprint = file_fingerprint(self.model_files)
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)   # tracks the output device
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    # -- cache -------------------------------------------------------------------------------
+
+    def cache_key(self, prompt: str) -> str:
+        """Hash of the prompt and the encoder (files, text_len, dtype): the cache file's name."""
+        ident = {"v": _CACHE_VERSION, "prompt": prompt, "model": self._fingerprint, "text_len": self.text_len,
+                 "dtype": str(self.dtype).replace("torch.", "")}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def cache_path(self, prompt: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{self.cache_key(prompt)}.pt"
+
+    def _read_cached(self, prompt: str) -> torch.Tensor | None:
+        path = self.cache_path(prompt)
+        if path is None or not path.is_file():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            emb = data["embedding"]
+            ok = (data.get("key") == self.cache_key(prompt) and isinstance(emb, torch.Tensor) and emb.ndim == 2
+                  and emb.shape[1] == self.text_dim and 0 < emb.shape[0] <= self.text_len)
+            if not ok:
+                raise ValueError("unexpected content")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is re-encoded
+            log.warning("prompt cache file %s is unreadable (%s); encoding the prompt again", path,
+                        type(exc).__name__ if not isinstance(exc, ValueError) else exc)
+            return None
+        return emb.to(self.dtype)
+
+    def _write_cached(self, prompt: str, emb: torch.Tensor) -> None:
+        path = self.cache_path(prompt)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"key": self.cache_key(prompt), "prompt": prompt, "embedding": emb}, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write the prompt cache %s (%s); set text.cache_dir to a writable folder or null",
+                        path, exc.strerror or exc)
+
+    def clear_cache(self) -> None:
+        """Forget the in-memory embeddings (the files in cache_dir stay)."""
+        self._memory.clear()
+
+    # -- the encoder -------------------------------------------------------------------------
+
+    def run_device(self) -> torch.device:
+        """Where umT5 runs: the output device if it is a GPU with room for the weights (policy auto), else the CPU."""
+        if self.device_policy == "cpu" or self.device.type != "cuda":
+            return torch.device("cpu")
+        need = sum(f[1] for f in self._fingerprint) * torch.finfo(self.dtype).bits // 16 + 2 ** 30  # + activations
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if free < need:
+            log.info("note: umT5 needs ~%.1f GiB but %s has %.1f GiB free; encoding the prompt on the CPU "
+                     "(text.device=cpu skips this check)", need / 2 ** 30, self.device, free / 2 ** 30)
+            return torch.device("cpu")
+        return self.device
+
+    def load(self) -> TextEncoder:
+        if self.encoder is None:
+            device = self.run_device()
+            self.encoder = self.loader(device).to(device)
+            self.loads += 1
+        return self.encoder
+
+    def unload(self) -> None:
+        """Free the umT5 weights (GPU memory is returned to the device)."""
+        if self.encoder is None:
+            return
+        on_gpu = self.encoder.device.type == "cuda"
+        self.encoder = None
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str) -> torch.Tensor:
+        """-> [B, text_len, text_dim]; rows past each prompt's token count are zeros."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = []
+        for p in dict.fromkeys(prompts):
+            if p not in self._memory:
+                emb = self._read_cached(p)
+                if emb is None:
+                    missing.append(p)
+                else:
+                    self._memory[p] = emb
+        if missing:
+            try:
+                for p, emb in zip(missing, self.load().embed(missing)):
+                    self._memory[p] = emb.to("cpu", self.dtype)
+                    self._write_cached(p, self._memory[p])
+            finally:
+                if not self.keep_loaded:
+                    self.unload()
+        out = torch.zeros(len(prompts), self.text_len, self.text_dim, device=self.device, dtype=self.dtype)
+        for i, p in enumerate(prompts):
+            emb = self._memory[p]
+            out[i, :len(emb)] = emb.to(self.device)
+        return out
+
+
+def _umt5_source(path: Path, tokenizer) -> tuple[str, Path, Path, list[Path]]:
+    """text.path -> (kind 'wan' | 'transformers', model path, tokenizer folder, files that identify the model)."""
+    tok = Path(tokenizer) if tokenizer else None
+    if path.is_file():
+        return "wan", path, tok or path.parent / WAN_TOKENIZER_DIR, [path]
+    if (path / WAN_T5_FILE).is_file():
+        return "wan", path / WAN_T5_FILE, tok or path / WAN_TOKENIZER_DIR, [path / WAN_T5_FILE]
+    folder = path / "text_encoder" if (path / "text_encoder" / "config.json").is_file() else path
+    if (folder / "config.json").is_file():
+        tok = tok or (path / "tokenizer" if folder != path else path)
+        weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+        return "transformers", folder, tok, weights
+    raise AvatarForcingError(f"text.path {path} holds no umT5 encoder; pass the Wan2.1 folder (with {WAN_T5_FILE}), "
+                             "a transformers UMT5EncoderModel folder, or text.encoder=none")
+
+
+def _umt5_width(kind: str, model_path: Path) -> int:
+    """d_model of the encoder without loading its weights (config.json, or the mmap-ed Wan checkpoint)."""
+    if kind == "transformers":
+        try:
+            return int(json.loads((model_path / "config.json").read_text())["d_model"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise AvatarForcingError(f"cannot read {model_path / 'config.json'} ({type(exc).__name__}); pass a "
+                                     "transformers UMT5EncoderModel folder") from None
+    try:
+        sd = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # corrupt / not a torch file
+        raise AvatarForcingError(f"cannot read {model_path} ({type(exc).__name__}); pass the Wan2.1 {WAN_T5_FILE}") from None
+    if not isinstance(sd, dict) or _EMBEDDING not in sd:
+        raise AvatarForcingError(f"{model_path.name} is not a Wan umT5 encoder checkpoint: missing keys [{_EMBEDDING!r}]; "
+                                 f"pass the original {WAN_T5_FILE}")
+    return int(sd[_EMBEDDING].shape[1])
+
+
+def build_text_encoder(cfg_text, text_dim: int, text_len: int = 512, dtype=torch.float32,
+                       keep_loaded: bool | None = None):
+    """Text encoder from the `text:` config section; text_dim / text_len come from the DiT config.
+
+    umt5 -> :class:`LazyTextEncoder` (nothing is loaded here; paths and the width are checked);
+    none -> zero embeddings.  keep_loaded: None = ``text.keep_loaded`` (preprocessing of many captions
+    passes True)."""
     kind = cfg_text.get("encoder", "umt5")
     if kind == "none":
         return TextEncoder.none(text_dim, text_len)
@@ -225,19 +431,20 @@ def build_text_encoder(cfg_text, text_dim: int, text_len: int = 512, dtype=torch
     if not cfg_text.get("path"):
         raise AvatarForcingError("text.path is not set; pass text.path=<Wan2.1 folder> (with "
                                  f"{WAN_T5_FILE} and {WAN_TOKENIZER_DIR}) or text.encoder=none")
-    path, tokenizer = Path(cfg_text["path"]), cfg_text.get("tokenizer")
-    if path.is_file():
-        enc = TextEncoder.from_wan_checkpoint(path, tokenizer or path.parent / WAN_TOKENIZER_DIR, text_len, dtype)
-    elif (path / WAN_T5_FILE).is_file():
-        enc = TextEncoder.from_wan_checkpoint(path / WAN_T5_FILE, tokenizer or path / WAN_TOKENIZER_DIR, text_len, dtype)
-    elif (path / "text_encoder" / "config.json").is_file():  # diffusers pipeline folder
-        enc = TextEncoder.from_pretrained(path / "text_encoder", tokenizer or path / "tokenizer", text_len, dtype)
-    elif (path / "config.json").is_file():
-        enc = TextEncoder.from_pretrained(path, tokenizer, text_len, dtype)
-    else:
-        raise AvatarForcingError(f"text.path {path} holds no umT5 encoder; pass the Wan2.1 folder (with {WAN_T5_FILE}), "
-                                 "a transformers UMT5EncoderModel folder, or text.encoder=none")
-    if enc.text_dim != text_dim:
-        raise AvatarForcingError(f"text encoder width {enc.text_dim} does not match model.text_dim {text_dim}; "
+    source, model_path, tokenizer, files = _umt5_source(Path(cfg_text["path"]), cfg_text.get("tokenizer"))
+    if not tokenizer.is_dir():
+        raise AvatarForcingError(f"tokenizer folder not found: {tokenizer}; pass the google/umt5-xxl tokenizer "
+                                 "folder (text.tokenizer=...)")
+    width = _umt5_width(source, model_path)
+    if width != text_dim:
+        raise AvatarForcingError(f"text encoder width {width} does not match model.text_dim {text_dim}; "
                                  "use the matching umT5 checkpoint or fix model.text_dim")
-    return enc
+
+    def load(device: torch.device) -> TextEncoder:     # read on the CPU; LazyTextEncoder moves it to ``device``
+        if source == "wan":
+            return TextEncoder.from_wan_checkpoint(model_path, tokenizer, text_len, dtype)
+        return TextEncoder.from_pretrained(model_path, tokenizer, text_len, dtype)
+
+    keep = bool(cfg_text.get("keep_loaded", False)) if keep_loaded is None else keep_loaded
+    return LazyTextEncoder(load, files, text_dim, text_len, dtype, str(cfg_text.get("device", "auto")),
+                           cfg_text.get("cache_dir"), keep)

@@ -114,6 +114,8 @@ class WanVAE(nn.Module):
 
     spatial_ratio = 8
     temporal_ratio = 4
+    decode_frames_per_call = 0   # streaming decoder default: 0 = a block per call, 1 = one latent frame (low VRAM)
+    decode_offload_cache = False  # streaming decoder default: park its causal cache on the CPU between pushes
 
     def __init__(self, model, latents_mean=None, latents_std=None):
         super().__init__()
@@ -226,20 +228,45 @@ class WanVAE(nn.Module):
         z = self.denormalize(latents.to(self.device)).to(self.dtype)
         return self.model.decode(z).sample.float()
 
-    def stream_decoder(self) -> "StreamingDecoder":
-        return StreamingDecoder(self)
+    def stream_decoder(self, frames_per_call: int | None = None, offload_cache: bool | None = None) -> "StreamingDecoder":
+        """Defaults (None): ``self.decode_frames_per_call`` and ``self.decode_offload_cache`` (set by low_vram)."""
+        return StreamingDecoder(self, self.decode_frames_per_call if frames_per_call is None else frames_per_call,
+                                self.decode_offload_cache if offload_cache is None else offload_cache)
 
 
 class StreamingDecoder:
     """Decode latent blocks as they are produced, keeping the VAE's causal cache between calls.
 
     Equals `WanVAE.decode` of all latents at once (SPEC section 8). Holds its own feature cache, so
-    several streams (and one-shot decodes) can use the same VAE."""
+    several streams (and one-shot decodes) can use the same VAE.
 
-    def __init__(self, vae: WanVAE):
+    Low-VRAM options (the output is the same):
+    ``frames_per_call`` > 0 runs the decoder on that many latent frames at a time (1 = one latent frame,
+    4 video frames, per call: activations 1/B of a block's); 0 = a pushed block at once.
+    ``offload_cache`` parks the causal cache (2 frames per causal conv, 1.8 GiB at 480x832) in pinned host
+    memory between pushes, so that it does not sit on the GPU while the DiT runs."""
+
+    def __init__(self, vae: WanVAE, frames_per_call: int = 0, offload_cache: bool = False):
         self.vae = vae
+        self.frames_per_call = max(0, int(frames_per_call))
+        self.offload_cache = bool(offload_cache)
         self._feat_map = [None] * vae.model._cached_conv_counts["decoder"]
+        self._host: dict[int, torch.Tensor] = {}     # parking buffers of the cache, reused every push
         self._first = True
+
+    def _park(self) -> None:
+        for i, t in enumerate(self._feat_map):
+            if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+                buf = self._host.get(i)
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = self._host[i] = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+                buf.copy_(t)
+                self._feat_map[i] = buf
+
+    def _restore(self, device: torch.device) -> None:
+        for i, t in enumerate(self._feat_map):
+            if isinstance(t, torch.Tensor) and t.device != device:
+                self._feat_map[i] = t.to(device, non_blocking=True)
 
     def _decode(self, x: torch.Tensor, first: bool) -> torch.Tensor:
         return self.vae.model.decoder(x, feat_cache=self._feat_map, feat_idx=[0], first_chunk=first)
@@ -250,12 +277,16 @@ class StreamingDecoder:
         n = 4f, or 1 + 4 (f - 1) for the stream's first block."""
         vae = self.vae
         x = vae.model.post_quant_conv(vae.denormalize(latents.to(vae.device)).to(vae.dtype))  # 1x1x1 conv
+        self._restore(x.device)
         out = []
         if self._first and x.shape[2] > 0:  # the first chunk must be exactly one latent frame
             out.append(self._decode(x[:, :, :1], first=True))
             x, self._first = x[:, :, 1:], False
         if x.shape[2] > 0:
-            out.append(self._decode(x, first=False))
+            n = self.frames_per_call
+            out.extend(self._decode(part, first=False) for part in (x.split(n, dim=2) if n > 0 else [x]))
+        if self.offload_cache:
+            self._park()
         if not out:
             b, _, _, h, w = latents.shape
             return torch.zeros(b, 3, 0, h * vae.spatial_ratio, w * vae.spatial_ratio, device=vae.device)
@@ -282,6 +313,13 @@ def build_vae(cfg_vae):
     if cfg_vae.get("kind", "wan") != "wan":
         raise AvatarForcingError(f"vae.kind must be 'wan' or 'world', got '{cfg_vae.get('kind')}'")
     if cfg_vae.get("path"):
-        return WanVAE.from_pretrained(cfg_vae["path"], cfg_vae.get("latents_mean"), cfg_vae.get("latents_std"))
-    return WanVAE.from_config(cfg_vae)
+        vae = WanVAE.from_pretrained(cfg_vae["path"], cfg_vae.get("latents_mean"), cfg_vae.get("latents_std"))
+    else:
+        vae = WanVAE.from_config(cfg_vae)
+    frames = cfg_vae.get("frames_per_decode", 1)
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 0:
+        raise AvatarForcingError(f"vae.frames_per_decode is {frames!r}; use 1 (one latent frame per decoder call, "
+                                 "the default), another positive number, or 0 (a whole block per call)")
+    vae.decode_frames_per_call = frames
+    return vae
 

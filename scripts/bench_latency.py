@@ -18,11 +18,13 @@ Measures, on the configured model (random weights are fine: timing does not depe
    position; late/early ratios must be ~1.
 5. Figure 4: steady-state latency for L in {1, 2, 4, 8} x N in {1, 2, 4} (DiT + KV + audio measured per
    cell, plus the VAE cost per frame from 1., which does not depend on L or N).  PNG if matplotlib is there.
+6. with --compile: the steady state of 1. eager vs ``WanDiT.compile_streaming`` (torch.compile of the window
+   forward and the clean re-run; --compile-mode), alternating rounds, and the compile time (first calls).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import gc
 import json
 import math
@@ -44,6 +46,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.config import load_config  # noqa: E402
 from avatarforcing.pipeline import AvatarPipeline, default_config_path  # noqa: E402
+from avatarforcing.profiling import StepProfiler  # noqa: E402
 from avatarforcing.schedule import WindowSchedule  # noqa: E402
 
 SAMPLE_RATE = 16000
@@ -51,71 +54,6 @@ SAMPLE_RATE = 16000
 
 # ----------------------------------------------------------------------------------------------
 # instrumentation
-
-
-class StepProfiler:
-    """Seconds per named part of every streaming step (the pipeline's profiler interface).
-
-    DiT forwards are split by forward hooks on the model: calls with ``return_kv=True`` are the KV
-    update (clean re-run; also the anchor prefill, which happens at start-up), the rest the window
-    forward(s)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.records: list[dict[str, float]] = []
-        self.current: dict[str, float] = {}
-        self._t0: list[float] = []
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def add(self, name: str, seconds: float) -> None:
-        self.current[name] = self.current.get(name, 0.0) + seconds
-
-    @contextlib.contextmanager
-    def part(self, name: str):
-        t0 = self._now()
-        try:
-            yield
-        finally:
-            self.add(name, self._now() - t0)
-
-    def next_step(self) -> None:
-        if self.current:
-            self.records.append(self.current)
-        self.current = {}
-
-    @contextlib.contextmanager
-    def hooks(self, model: torch.nn.Module):
-        def pre(module, args, kwargs):
-            self._t0.append(self._now())
-
-        def post(module, args, kwargs, out):
-            self.add("kv" if kwargs.get("return_kv") else "dit", self._now() - self._t0.pop())
-
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                   model.register_forward_hook(post, with_kwargs=True)]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def emitting_steps(self) -> list[dict[str, float]]:
-        """Records of steps that emitted (and decoded) a block, with the derived parts."""
-        out = []
-        for r in self.records:
-            if "step" not in r or "vae" not in r:
-                continue
-            r = dict(r)
-            for k in ("audio", "dit", "kv"):
-                r.setdefault(k, 0.0)
-            r["other"] = max(0.0, r["step"] - r["audio"] - r["dit"] - r["kv"])
-            r["total"] = r["step"] + r["vae"]
-            out.append(r)
-        return out
 
 
 def rss_bytes() -> int:
@@ -312,6 +250,53 @@ def long_stream(pipe: AvatarPipeline, blocks: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. eager vs compiled
+
+
+def compile_comparison(pipe: AvatarPipeline, steps: int, warmup: int, mode: str = "default", rounds: int = 2) -> dict:
+    """Steady state of the pipeline eager and with the DiT compiled (a copy of the model), in alternating
+    rounds (robust to other jobs on the machine: the best round of each is reported, all rounds are kept).
+
+    The compiled stream compiles at its second emitting step (first full context) and CUDA graphs record
+    on the next calls, so it skips 3 more emitting steps before timing."""
+    if pipe.model._compiled is not None:                # inference.compile=true: time an eager copy
+        pipe = pipe.replace(model=copy.deepcopy(pipe.model))                 # (copies drop the compiled core)
+    model = copy.deepcopy(pipe.model)
+    model.compile_streaming(mode)
+    cpipe = pipe.replace(model=model)
+    runs = {"eager": [], "compiled": []}
+    first_wall = None
+    for r in range(rounds):
+        runs["eager"].append(steady_state(pipe, steps, warmup))
+        t0 = time.perf_counter()
+        runs["compiled"].append(steady_state(cpipe, steps, warmup + 3))
+        if r == 0:
+            first_wall = time.perf_counter() - t0
+        print(f"  round {r + 1}: eager {runs['eager'][-1]['ms_per_frame']:.2f} ms/frame, compiled "
+              f"{runs['compiled'][-1]['ms_per_frame']:.2f} ms/frame", flush=True)
+
+    def best(kind: str) -> dict:
+        run = min(runs[kind], key=lambda o: o["ms_per_frame"])
+        p = run["parts"]
+        return {"ms_per_frame": run["ms_per_frame"], "dit_ms_per_frame": p["dit"]["ms_per_frame"],
+                "kv_ms_per_frame": p["kv"]["ms_per_frame"],
+                "parts_ms_per_frame": {k: v["ms_per_frame"] for k, v in p.items()},
+                "rounds_ms_per_frame": [o["ms_per_frame"] for o in runs[kind]]}
+
+    eager, compiled = best("eager"), best("compiled")
+    report = model.compile_report()
+    dit_kv = (eager["dit_ms_per_frame"] + eager["kv_ms_per_frame"],
+              compiled["dit_ms_per_frame"] + compiled["kv_ms_per_frame"])
+    return {"mode": mode, "rounds": rounds, "steps_timed": steps, "eager": eager, "compiled": compiled,
+            "speedup_total": eager["ms_per_frame"] / compiled["ms_per_frame"],
+            "speedup_dit_kv": dit_kv[0] / dit_kv[1],
+            "graphs": len(report), "compile_seconds": sum(g["first_call_s"] for g in report),
+            "graphs_detail": report, "first_compiled_stream_wall_seconds": first_wall,
+            "note": "compile_seconds: first calls of the compiled graphs (trace + inductor codegen + run); only "
+                    "the DiT window forward and the clean re-run (the KV update) are compiled"}
+
+
+# ----------------------------------------------------------------------------------------------
 # 5. Figure 4
 
 
@@ -377,6 +362,9 @@ def parse_args(argv=None):
     p.add_argument("--long-blocks", type=int, default=150, help="blocks of the long stream (0 = skip)")
     p.add_argument("--sweep-steps", type=int, default=3, help="steps timed per L x N cell (0 = skip the sweep)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="also time the steady state with the DiT compiled")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile-rounds", type=int, default=2, help="alternating eager / compiled rounds")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
 
@@ -406,6 +394,9 @@ def main(argv=None) -> int:
     print("1. steady state ...", flush=True)
     result["steady_state"] = steady = steady_state(pipe, args.steps, args.warmup)
     result["look_ahead"] = la = look_ahead(pipe)
+    if args.compile:
+        print(f"6. eager vs compiled ({args.compile_mode}) ...", flush=True)
+        result["compile"] = compile_comparison(pipe, args.steps, args.warmup, args.compile_mode, args.compile_rounds)
     print("3. real-time simulation ...", flush=True)
     result["end_to_end"] = e2e = realtime_delay(pipe, args.realtime_seconds) if args.realtime_seconds > 0 else None
     if args.long_blocks > 0:
@@ -445,6 +436,11 @@ def main(argv=None) -> int:
               f"MB/100 blocks); python objects {long['python_objects'][0][1]} -> {long['python_objects'][-1][1]}")
     if args.sweep_steps > 0:
         print(f"sweep          {result['sweep']['png']}")
+    if args.compile:
+        c = result["compile"]
+        print(f"compiled       {c['compiled']['ms_per_frame']:8.2f} ms/frame vs eager {c['eager']['ms_per_frame']:.2f} "
+              f"(x{c['speedup_total']:.2f}; DiT + KV x{c['speedup_dit_kv']:.2f}); {c['graphs']} graphs compiled in "
+              f"{c['compile_seconds']:.1f} s ({c['mode']})")
     print(f"wrote {out}")
     return 0
 

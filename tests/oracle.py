@@ -30,11 +30,13 @@ def full_window_forward(model, ref, text, clean_blocks, window, t_window, audio_
     n_anchor = len(qgroups) if use_anchor else 0
 
     frames_x, frames_t, frames_a, pos = [], [], [], []
-    for first, _ in qgroups:
+    for gi, (first, _) in enumerate(qgroups):
         if not use_anchor:
             break
         u = max(1, first - T) if T else first
-        pos.append(u + cfg.anchor_offset if cfg.rope_reindex else 0)
+        rerun = gi < len(clean_blocks)          # a clean block's K/V come from the clean re-run
+        absolute = not cfg.rope_reindex or (rerun and cfg.rerun_anchor == "absolute")
+        pos.append(0 if absolute else u + cfg.anchor_offset)
         frames_x.append(i2v_input(ref, ref, 0))
         frames_t.append(torch.zeros(Bsz, 1))
         frames_a.append(None if cfg.zero_anchor_audio else (first, first + 1))

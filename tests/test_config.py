@@ -41,3 +41,11 @@ def test_reference_release_config(tmp_path):
     cfg = load_config(p)
     assert list(cfg.schedule.steps) == [1000, 750, 500, 250] and cfg.schedule.shift == 5.0
     assert WindowSchedule.from_config(cfg.schedule).L == 4
+
+
+def test_release_config_sets_the_release_behaviour(repo_root):
+    """configs/avatarforcing.yaml (reference layout) carries our release-fidelity switches."""
+    cfg = load_config(repo_root / "configs/avatarforcing.yaml")
+    assert cfg.cache.rerun_anchor == "absolute" and cfg.inference.resize == "keep_aspect"
+    assert cfg.audio.file_features == "offline" and cfg.inference.dtype == "auto"
+    assert list(cfg.schedule.steps) == [1000, 800, 400, 200] and cfg.schedule.block_frames == 4

@@ -50,7 +50,8 @@ def test_cli_writes_video_with_audio(inputs, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     info = probe_video(out)
     assert expected_frames(0.9) == 33
-    assert info == dict(frames=33, fps=25.0, width=64, height=64, has_audio=True)
+    # keep_aspect (the default, as in the release): 100x77 within a 64*64 area, floored to multiples of 16
+    assert info == dict(frames=33, fps=25.0, width=64, height=48, has_audio=True)
     assert sorted(p.name for p in out.parent.iterdir()) == ["avatar.mp4"]  # no temporary files left
     assert "random" in proc.stderr                                         # says the weights are random
 
@@ -72,11 +73,12 @@ def test_release_command_with_data_list(inputs, tmp_path):
                "--data_path", data / "list.txt", "--num_output_frames", 6, "--i2v", "inference.batch_size=2",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    paths = proc.stdout.strip().splitlines()[-2:]
+    paths = sorted(proc.stdout.strip().splitlines()[-2:])
     assert [os.path.basename(p) for p in paths] == ["0000_face.mp4", "0001_img2.mp4"]
     assert "note:" in proc.stderr and "multiple of B" in proc.stderr     # 6 latent frames -> 9 (2 blocks)
-    for p in paths:
-        assert probe_video(p) == dict(frames=1 + 2 * BLOCK_FRAMES, fps=25.0, width=64, height=64, has_audio=True)
+    # keep_aspect gives the two images different sizes (100x77 -> 64x48, 64x96 -> 48x64): two batches of one
+    for p, (w, h) in zip(paths, [(64, 48), (48, 64)]):
+        assert probe_video(p) == dict(frames=1 + 2 * BLOCK_FRAMES, fps=25.0, width=w, height=h, has_audio=True)
     assert "loaded DiT weights" in proc.stderr
 
 

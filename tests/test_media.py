@@ -86,6 +86,26 @@ def test_load_image_cover_and_center_crop():
     assert x[:, :, :14].max() < -0.9 and x[:, :, 18:].min() > 0.9
 
 
+@pytest.mark.parametrize("image_hw,want_hw", [((1920, 1080), (832, 464)),   # 9:16 portrait: the whole height kept
+                                               ((1080, 1920), (464, 832)),   # 16:9 landscape
+                                               ((480, 832), (480, 832)),     # already the release size
+                                               ((100, 100), (624, 624))])    # small square: upscaled into the area
+def test_load_image_keep_aspect_is_the_release_rule(image_hw, want_hw):
+    """Release rule: aspect ratio kept within an area of 480*832, both sides floored to multiples of 16."""
+    h, w = image_hw
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[: h // 10] = 255                                   # a white band at the top survives (nothing cropped)
+    x = load_image(arr, 480, 832, "keep_aspect")
+    assert tuple(x.shape[1:]) == want_hw
+    assert x.shape[1] * x.shape[2] <= 480 * 832 and x.shape[1] % 16 == 0 and x.shape[2] % 16 == 0
+    assert abs(x.shape[1] / x.shape[2] - h / w) < 0.05 * h / w
+    assert x[:, :2].min() > 0.9                            # the top rows are the white band
+    cover = load_image(arr, 480, 832, "cover")
+    assert tuple(cover.shape[1:]) == (480, 832)
+    with pytest.raises(AvatarForcingError, match="inference.resize is 'fit'; use keep_aspect"):
+        load_image(arr, 480, 832, "fit")
+
+
 def test_load_image_transparent_is_white():
     arr = np.zeros((16, 16, 4), np.uint8)  # fully transparent black
     assert torch.allclose(load_image(arr, 16, 16), torch.ones(3, 16, 16))

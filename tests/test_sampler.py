@@ -37,8 +37,10 @@ def reference_algorithm1(model, sch, cfg, ref, text, audio, noise, n_blocks):
     return emitted
 
 
-@pytest.mark.parametrize("L,N,B,T,n_blocks", [(4, 1, 2, 2, 6), (2, 2, 1, 3, 5), (3, 1, 2, 2, 2), (1, 1, 2, 2, 3)])
-def test_sampler_equals_reference_algorithm(L, N, B, T, n_blocks):
+@pytest.mark.parametrize("L,N,B,T,n_blocks,rerun_anchor", [(4, 1, 2, 2, 6, "window"), (2, 2, 1, 3, 5, "window"),
+                                                         (3, 1, 2, 2, 2, "window"), (1, 1, 2, 2, 3, "window"),
+                                                         (4, 1, 2, 2, 6, "absolute"), (2, 2, 1, 3, 5, "absolute")])
+def test_sampler_equals_reference_algorithm(L, N, B, T, n_blocks, rerun_anchor):
     model = random_tiny_model(1)
     g = torch.Generator().manual_seed(3)
     ref = torch.randn(1, 16, 1, H, W, generator=g)
@@ -46,7 +48,7 @@ def test_sampler_equals_reference_algorithm(L, N, B, T, n_blocks):
     audio = torch.randn(1, 1 + n_blocks * B, model.cfg.audio_dim, generator=g)
     steps = None if (L, N) != (4, 1) else [1000, 800, 400, 200]
     sch = WindowSchedule.from_config(schedule_cfg(steps=steps, window_blocks=L, passes=N, block_frames=B))
-    cfg = cache_cfg(temporal_frames=T)
+    cfg = cache_cfg(temporal_frames=T, rerun_anchor=rerun_anchor)
     smp = StreamingSampler(model, sch, cfg, ref, text, audio=lambda a, b: audio[:, a:b], noise=NoiseSource(7),
                            num_blocks=n_blocks)
     with torch.no_grad():
@@ -91,3 +93,23 @@ def test_dmd_style_gradients_flow_only_through_chosen_steps():
     emitted = {o["emitted"][0]: o["emitted"][1] for o in outs if o["emitted"] is not None}
     assert emitted[1].requires_grad and not emitted[0].requires_grad and not emitted[2].requires_grad
     assert smp.cache.temporal.k[0].requires_grad is False
+
+
+def test_rerun_anchor_position_changes_only_later_blocks():
+    """cache.rerun_anchor=absolute (the release) moves the anchor only in the clean re-run, to absolute frame 0.
+    With B = T = 2 the re-runs of blocks 0 and 1 start right after frame 0 of [temporal | block] anyway (u = 1,
+    so d = -1 is frame 0), hence blocks 0..2 are identical; block 2's re-run (u = 3) differs, and so block 3."""
+    model = random_tiny_model(1)
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(1, 16, 1, H, W, generator=g)
+    text = torch.randn(1, 8, model.cfg.text_dim, generator=g)
+    sch = WindowSchedule.from_config(schedule_cfg(block_frames=2))
+    out = {}
+    for mode in ("window", "absolute"):
+        smp = StreamingSampler(model, sch, cache_cfg(rerun_anchor=mode), ref, text, noise=NoiseSource(7), num_blocks=5)
+        with torch.no_grad():
+            out[mode] = [x for _, x in smp]
+    for b in range(3):
+        torch.testing.assert_close(out["window"][b], out["absolute"][b])
+    for b in (3, 4):
+        assert (out["window"][b] - out["absolute"][b]).abs().max() > 1e-4

@@ -8,8 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.text import (WAN_T5_FILE, TextEncoder, build_text_encoder, transformers_to_wan_key,
-                                wan_t5_to_transformers)
+from avatarforcing.text import (WAN_T5_FILE, LazyTextEncoder, TextEncoder, build_text_encoder,
+                                transformers_to_wan_key, wan_t5_to_transformers)
 
 WORDS = "a person talking to the camera woman man smiling speaking in front of studio light".split()
 
@@ -83,20 +83,21 @@ def test_mapping_roundtrip_is_complete():
 def test_wan_checkpoint_loads_and_matches_original_forward(wan_folder):
     folder, model = wan_folder
     cfg = OmegaConf.create({"encoder": "umt5", "path": str(folder)})
-    enc = build_text_encoder(cfg, text_dim=32, text_len=16)
+    enc = build_text_encoder(cfg, text_dim=32, text_len=16, keep_loaded=True)
     prompts = ["a woman talking to the camera", "a  man &amp; smiling", "a woman talking to the camera"]
     emb = enc.encode(prompts)
-    assert emb.shape == (3, 16, 32)
+    assert emb.shape == (3, 16, 32) and enc.loads == 1
+    tokenizer = enc.encoder.tokenizer
     assert torch.equal(emb[0], emb[2])
     # prompt 0: 6 words + </s> = 7 real tokens, then zeros
     assert (emb[0, :7].abs().sum(-1) > 0).all() and (emb[0, 7:] == 0).all()
     # identical to the transformers model on the same tokens ...
-    tok = enc.tokenizer(["a woman talking to the camera"], return_tensors="pt")
+    tok = tokenizer(["a woman talking to the camera"], return_tensors="pt")
     with torch.no_grad():
         ref = model(**tok).last_hidden_state[0]
     assert torch.allclose(emb[0, :7], ref, atol=1e-6)
     # ... and to the original Wan forward, proving the key mapping (html unescaped, whitespace collapsed)
-    tok = enc.tokenizer(["a woman talking to the camera", "a man & smiling"], padding=True, return_tensors="pt")
+    tok = tokenizer(["a woman talking to the camera", "a man & smiling"], padding=True, return_tensors="pt")
     wan = wan_t5_reference(to_wan_layout(model), tok.input_ids, tok.attention_mask, num_heads=4)
     assert torch.allclose(emb[0, :7], wan[0], atol=1e-5)
     assert torch.allclose(emb[1, :5], wan[1, :5], atol=1e-5) and (emb[1, 5:] == 0).all()
@@ -153,3 +154,86 @@ def test_errors(wan_folder, tmp_path):
         build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(folder)}), text_dim=4096)
     with pytest.raises(AvatarForcingError, match="holds no umT5"):
         build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(tmp_path / "empty")}), 32)
+
+
+# ---- lazy loading and the prompt cache --------------------------------------------------------
+
+
+def lazy(folder, cache_dir=None, **kw) -> LazyTextEncoder:
+    cfg = OmegaConf.create({"encoder": "umt5", "path": str(folder), "cache_dir": None if cache_dir is None
+                            else str(cache_dir), **kw})
+    return build_text_encoder(cfg, text_dim=32, text_len=16)
+
+
+def test_lazy_encoder_loads_only_on_a_miss_and_frees(wan_folder, tmp_path):
+    folder, _ = wan_folder
+    enc = lazy(folder, tmp_path / "cache")
+    assert isinstance(enc, LazyTextEncoder) and enc.loads == 0 and enc.encoder is None   # nothing loaded yet
+    a = enc.encode(["a person speaking", "a man smiling"])
+    assert enc.loads == 1 and enc.encoder is None                                        # loaded once, freed
+    b = enc.encode(["a man smiling", "a person speaking"])
+    assert enc.loads == 1                                                                # second encode: no load
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
+    # the result equals the eager encoder's
+    ref = TextEncoder.from_wan_checkpoint(folder / WAN_T5_FILE, folder / "google" / "umt5-xxl", text_len=16)
+    assert torch.equal(a, ref.encode(["a person speaking", "a man smiling"]))
+
+
+def test_prompt_cache_on_disk_is_shared_and_keyed_by_model(wan_folder, tmp_path):
+    folder, _ = wan_folder
+    cache = tmp_path / "cache"
+    first = lazy(folder, cache)
+    a = first.encode("a person speaking")
+    assert first.cache_path("a person speaking").is_file() and len(list(cache.glob("*.pt"))) == 1
+    second = lazy(folder, cache)                                  # a new encoder instance, same model
+    assert torch.equal(second.encode("a person speaking"), a) and second.loads == 0
+    # another model (other weights in another file) -> another key, encoded anew, other embeddings
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    cfg = tiny_umt5().config
+    torch.save(to_wan_layout(UMT5EncoderModel(cfg).eval()), tmp_path / "other.pth")
+    save_tiny_tokenizer(other)
+    third = build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(tmp_path / "other.pth"),
+                                                 "tokenizer": str(other), "cache_dir": str(cache)}), 32, 16)
+    assert third.cache_key("a person speaking") != first.cache_key("a person speaking")
+    assert not torch.equal(third.encode("a person speaking"), a) and third.loads == 1
+    # the same file rewritten (mtime / size change) is another model too
+    key = first.cache_key("x")
+    torch.save(to_wan_layout(tiny_umt5()) | {"extra": torch.zeros(3)}, folder / WAN_T5_FILE)
+    assert lazy(folder, cache).cache_key("x") != key
+    # text_len is part of the key
+    assert build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(tmp_path / "other.pth"),
+                                                "tokenizer": str(other)}), 32, 8).cache_key("x") != third.cache_key("x")
+
+
+def test_corrupt_cache_file_is_reencoded_with_a_warning(wan_folder, tmp_path, caplog):
+    folder, _ = wan_folder
+    a = lazy(folder, tmp_path).encode("a person speaking")
+    path = lazy(folder, tmp_path).cache_path("a person speaking")
+    for junk in (b"not a torch file", None):
+        if junk is None:                                           # a readable file with the wrong content
+            torch.save({"key": "other", "embedding": torch.zeros(3, 32)}, path)
+        else:
+            path.write_bytes(junk)
+        enc = lazy(folder, tmp_path)
+        with caplog.at_level("WARNING", logger="avatarforcing.text"):
+            b = enc.encode("a person speaking")
+        assert "unreadable" in caplog.text and enc.loads == 1 and torch.equal(a, b)
+        caplog.clear()
+        assert lazy(folder, tmp_path).encode("a person speaking").equal(a)   # the file was rewritten
+
+
+def test_lazy_encoder_options(wan_folder, tmp_path):
+    folder, _ = wan_folder
+    enc = lazy(folder, None, keep_loaded=True, device="cpu")
+    enc.encode("a person speaking")
+    enc.encode("a man smiling")                                   # a new prompt: the kept encoder, no reload
+    assert enc.loads == 1 and enc.encoder is not None and enc.run_device().type == "cpu"
+    assert not list(tmp_path.glob("**/*.pt"))                     # cache_dir null: no files
+    enc.unload()
+    assert enc.encoder is None
+    with pytest.raises(AvatarForcingError, match="text.device"):
+        lazy(folder, None, device="gpu0")
+    empty = lazy(folder, None)
+    assert empty.encode("").shape == (1, 16, 32)                  # the empty prompt: </s> only
+    assert (empty.encode("")[0, 1:] == 0).all()

@@ -54,6 +54,36 @@ def test_streaming_decode_equals_one_shot(vae):
     assert (torch.cat(parts, 2) - full).abs().max() < 1e-5
 
 
+def test_streaming_decode_one_frame_per_call_equals_block_decode(vae):
+    """Low-VRAM mode: the decoder runs on one latent frame at a time; the frames are the same."""
+    torch.manual_seed(2)
+    z = torch.randn(1, 16, 9, 2, 3)
+    blocks = [z[:, :, :1], z[:, :, 1:5], z[:, :, 5:9]]
+    dec = vae.stream_decoder()
+    assert dec.frames_per_call == 0
+    ref = [dec.push(b) for b in blocks]
+    for n in (1, 2):
+        dec = vae.stream_decoder(frames_per_call=n)
+        calls = []
+        hook = vae.model.decoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[2]))
+        try:
+            out = [dec.push(b) for b in blocks]
+        finally:
+            hook.remove()
+        assert calls == [1] + [n] * (8 // n)
+        assert [o.shape for o in out] == [r.shape for r in ref]
+        assert max((o - r).abs().max().item() for o, r in zip(out, ref)) < 1e-5
+    # the VAE's default (set by inference.low_vram) and a first block of several frames
+    vae.decode_frames_per_call = 1
+    try:
+        dec = vae.stream_decoder()
+        assert dec.frames_per_call == 1
+        out = [dec.push(z[:, :, :5]), dec.push(z[:, :, 5:9])]
+    finally:
+        vae.decode_frames_per_call = 0
+    assert (torch.cat(out, 2) - torch.cat(ref, 2)).abs().max() < 1e-5
+
+
 def test_encode_errors(vae):
     with pytest.raises(AvatarForcingError, match="1 \\+ 4k frames"):
         vae.encode_video(torch.zeros(1, 3, 4, 16, 16))
