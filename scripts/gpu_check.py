@@ -298,8 +298,8 @@ def table(report: dict) -> str:
                     f"{report.get(name, {}).get('error', report.get(name, {}).get('skipped', ''))}")
     for mode in ("default", "low_vram"):
         name = f"memory_{mode}"
-        rows.append(f"(c) memory {mode:9s} peak {fmt(get(name, 'peak_gib'))} GiB (traced "
-                    f"{fmt(get(name, 'traced_peak_gib') or get(name, 'traced_stream_peak_gib'))} GiB)  "
+        rows.append(f"(c) memory {mode:9s} peak {fmt(get(name, 'peak_gib'), '.3f')} GiB (traced "
+                    f"{fmt(get(name, 'traced_peak_gib') or get(name, 'traced_stream_peak_gib'), '.3f')} GiB)  "
                     f"{report.get(name, {}).get('error', report.get(name, {}).get('skipped', ''))}")
     rows.append(f"(d) long stream {fmt(get('long', 'video_seconds'), '.0f')} s: step time late/early "
                 f"{fmt(get('long', 'time_late_over_early'))}, memory late/early {fmt(get('long', 'memory_late_over_early'), '.3f')}"
