@@ -70,6 +70,8 @@ def run(args) -> list[Path]:
     if release and (args.image or args.audio):
         raise AvatarForcingError("--data_path and --image/--audio exclude each other; use one of the two forms")
     overrides = list(args.overrides) + (["inference.use_ema=true"] if args.use_ema else [])
+    if args.seed is not None:            # --seed: the noise and the random initialisations (no checkpoint)
+        overrides.append(f"seed={args.seed}")
     cfg = load_config(_find(args.config or args.config_path, default_config_path()), overrides)
     checkpoint = args.checkpoint or args.checkpoint_path or cfg.inference.checkpoint
     seed = cfg.seed if args.seed is None else args.seed

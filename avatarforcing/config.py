@@ -127,8 +127,214 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key = key.strip().lstrip("+")
     if not key:
         raise AvatarForcingError(f"override '{item}' has an empty key")
-    value = OmegaConf.create({"v": raw}).v if raw == "" else OmegaConf.from_dotlist([f"v={raw}"]).v
+    try:
+        value = OmegaConf.create({"v": raw}).v if raw == "" else OmegaConf.from_dotlist([f"v={raw}"]).v
+    except OmegaConfBaseException as exc:
+        raise AvatarForcingError(f"override '{item}' has a value that cannot be parsed ({str(exc).splitlines()[0]}); "
+                                 f"quote it, e.g. {key}='...'") from None
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
     return key, value
+
+
+# ---- value types ---------------------------------------------------------------------------------
+# The type of every key is that of its value in configs/default.yaml (bool, int, float -- an int is
+# accepted for a float --, str, list of ints / floats / strs), except for the keys below: those whose
+# default is null or an empty list (every one of them must be listed; tests/test_config.py checks) and
+# those that also accept null or a wider type than their default shows.  "type:example" ("|null": null allowed).
+_TYPES = {
+    "schedule.steps": "list[float]|null",          # null = evenly spaced; raw timesteps may be fractional
+    "schedule.window_blocks": "int|null:2",
+    "cache.context_noise": "float",
+    "vae.path": "str|null:Wan2.1_VAE.pth",
+    "vae.latents_mean": "list[float]|null:null",
+    "vae.latents_std": "list[float]|null:null",
+    "audio.path": "str|null:wav2vec2-base-960h",
+    "text.path": "str|null:Wan2.1-T2V-1.3B",
+    "text.tokenizer": "str|null:Wan2.1-T2V-1.3B/google/umt5-xxl",
+    "text.cache_dir": "str|null",
+    "inference.checkpoint": "str|null:model.pt",
+    "inference.duration": "float|null:10.0",
+    "data.source": "str|null:videos/",
+    "data.shards": "str|null:data/shards",
+    "data.ode": "str|null:data/ode",
+    "data.clips_per_video": "int|null",
+    "train.ema_decay": "float|null",
+    "train.resume": "str|null",
+    "train.stop_after": "int|null:100",
+    "train.init": "str|null:model.pt",
+    "train.wandb_name": "str|null:run1",
+    "ode.teacher": "str|null:runs/teacher/export/model.pt",
+    "ode.teacher_shift": "float|null:5.0",
+    "ode.num_samples": "int|null:16000",
+    "dmd.teacher": "str|null:runs/teacher/export/model.pt",
+    "dmd.generator": "str|null:runs/ode/export/model.pt",
+    "dmd.data": "str|null:data/ode",
+    "dmd.num_blocks": "int|null:5",
+    "dmd.guidance_scale": "float|null:4.5",
+    "dmd.audio_guidance_scale": "float|null:4.5",
+    "world.teacher_overrides": "list[str]:[train.steps=2]",
+    "world.backfill_overrides": "list[str]:[ode.teacher_steps=2]",
+    "world.ode_overrides": "list[str]:[train.steps=2]",
+    "world.dmd_overrides": "list[str]:[train.steps=2]",
+}
+_WORLD_OVERRIDE_LISTS = ("teacher_overrides", "backfill_overrides", "ode_overrides", "dmd_overrides")
+_ARTICLE = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a str", "list": "a list"}
+
+
+class _Type:
+    def __init__(self, kind: str, elem: str | None, nullable: bool, example: Any):
+        self.kind, self.elem, self.nullable, self.example = kind, elem, nullable, example
+
+    @classmethod
+    def parse(cls, spec: str, default: Any) -> "_Type":
+        spec, _, example = spec.partition(":")
+        nullable = spec.endswith("|null")
+        kind = spec[:-5] if nullable else spec
+        elem = None
+        if kind.startswith("list["):
+            kind, elem = "list", kind[5:-1]
+        if not example:
+            example = default
+        else:
+            example = OmegaConf.from_dotlist([f"v={example}"]).v
+            example = OmegaConf.to_container(example) if isinstance(example, ListConfig) else example
+        return cls(kind, elem, nullable, example)
+
+    @classmethod
+    def of_default(cls, value: Any) -> "_Type | None":
+        if isinstance(value, bool):
+            return cls("bool", None, False, value)
+        if isinstance(value, int):
+            return cls("int", None, False, value)
+        if isinstance(value, float):
+            return cls("float", None, False, value)
+        if isinstance(value, str):
+            return cls("str", None, False, value)
+        if isinstance(value, list) and value:
+            kinds = {cls.of_default(v).kind for v in value if cls.of_default(v) is not None}
+            elem = "float" if kinds == {"int", "float"} else (kinds.pop() if len(kinds) == 1 else None)
+            return cls("list", elem, False, value) if elem in {"int", "float", "str", "bool"} else None
+        return None
+
+    def expected(self) -> str:
+        what = self.noun()
+        if self.kind == "float":
+            what = "a float or an int"
+        elif self.kind == "bool":
+            what = "true or false"
+        return f"{what} or null" if self.nullable else what
+
+    def noun(self) -> str:
+        if self.kind == "list":
+            return "a list of numbers" if self.elem == "float" else f"a list of {self.elem}s"
+        return _ARTICLE[self.kind]
+
+    def accepts(self, value: Any, kind: str | None = None) -> bool:
+        kind = kind or self.kind
+        if kind == "bool":
+            return isinstance(value, bool)
+        if kind == "int":
+            return isinstance(value, int) and not isinstance(value, bool)
+        if kind == "float":
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "str":
+            return isinstance(value, str)
+        if kind == "list":
+            return isinstance(value, (list, tuple)) and all(self.accepts(v, self.elem) for v in value)
+        return False
+
+
+_SCHEMA: dict[str, Any] | None = None   # dotted key -> _Type (leaves) or the set of child names (sections)
+
+
+def _schema() -> dict[str, Any]:
+    global _SCHEMA
+    if _SCHEMA is None:
+        defaults = OmegaConf.to_container(_load_yaml(DEFAULT_CONFIG))
+        schema: dict[str, Any] = {}
+
+        def walk(node: dict, prefix: str) -> None:
+            for k, v in node.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    schema[key] = set(v)
+                    walk(v, key + ".")
+                elif key in _TYPES:
+                    schema[key] = _Type.parse(_TYPES[key], v)
+                else:
+                    t = _Type.of_default(v)
+                    if t is None:
+                        raise AvatarForcingError(f"configs/default.yaml: {key} has no type (null or empty default); "
+                                                 "add it to _TYPES in avatarforcing/config.py")
+                    schema[key] = t
+        walk(defaults, "")
+        _SCHEMA = schema
+    return _SCHEMA
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_fmt(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _check_value(key: str, value: Any, raw: str | None, where: str, sep: str) -> Any:
+    """``value`` for ``key`` if its type fits (numbers given for a str key become that str), else a one-line error.
+
+    ``raw``: the override's text (None for YAML values); ``where``: prefix naming the source; ``sep``: '=' or ': '.
+    Unknown keys pass (the strict merge reports them with the valid-keys hint)."""
+    schema = _schema()
+    spec = schema.get(key)
+    shown = raw if raw is not None else _fmt(value)
+    if spec is None or _is_interpolation(value):
+        return value
+    if isinstance(spec, set):        # a section: only a mapping of its keys fits
+        if not isinstance(value, dict):
+            first = sorted(spec)[0]
+            raise AvatarForcingError(f"{where}{key}{sep}{shown} sets a whole section; set its keys instead, "
+                                     f"e.g. {key}.{first}{sep}{_fmt(schema.get(f'{key}.{first}').example) if isinstance(schema.get(f'{key}.{first}'), _Type) else '...'}")
+        return {k: _check_value(f"{key}.{k}", v, None if raw is None else _fmt(v), where, sep) for k, v in value.items()}
+    if value is None and spec.nullable:
+        return value
+    if spec.kind == "str" and raw is not None and isinstance(value, (bool, int, float)):
+        return raw.strip()             # inference.prompt=123, train.mixed_precision=no: the text as typed
+    if spec.kind == "str" and raw is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if spec.accepts(value):
+        if spec.kind == "list" and key.startswith("world.") and key.split(".", 1)[1] in _WORLD_OVERRIDE_LISTS:
+            for item in value:           # the stages' override lists: checked now, not when the stage starts
+                k, v = _parse_override(item)
+                _check_key_known(k, f"{key}")
+                _check_value(k, v, item.split("=", 1)[1], f"{where}{key}: ", "=")
+        return value
+    noun = spec.noun()
+    hint = " (quote words such as no/yes/on/off)" if spec.kind == "str" and isinstance(value, bool) else ""
+    raise AvatarForcingError(f"{where}{key}{sep}{shown} is not {noun} (expected {spec.expected()}){hint}; "
+                             f"e.g. {key}{sep}{_fmt(spec.example)}")
+
+
+def _check_key_known(key: str, source: str) -> None:
+    if key not in _schema():
+        raise AvatarForcingError(
+            f"unknown config key '{key}' in {source}; see configs/default.yaml for the valid keys")
+
+
+def _check_layer(layer: DictConfig, source: str) -> DictConfig:
+    """The experiment layer with every known value type-checked (see :func:`_check_value`)."""
+    data = OmegaConf.to_container(layer, resolve=False)
+    checked = {k: _check_value(k, v, None, f"config file {source}: ", ": ") for k, v in data.items()}
+    return OmegaConf.create(checked)
 
 
 def _merge_strict(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
@@ -146,7 +352,7 @@ def load_config(path: os.PathLike | str | None = None, overrides: Sequence[str] 
     cfg = _load_yaml(DEFAULT_CONFIG)
     if path is not None:
         for layer, src in _experiment_layers(Path(path)):
-            cfg = _merge_strict(cfg, layer, str(src))
+            cfg = _merge_strict(cfg, _check_layer(layer, str(src)), str(src))
     return apply_overrides(cfg, overrides)
 
 
@@ -158,6 +364,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: str = "th
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise AvatarForcingError(
                 f"unknown config key '{key}' in {source}; see configs/default.yaml for the valid keys")
+        value = _check_value(key, value, item.split("=", 1)[1], "", "=")
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
     OmegaConf.set_struct(cfg, True)
     return cfg

@@ -11,8 +11,10 @@ Paper metric -> analogue here (direction):
   FID         fid            Frechet distance of identity-net features, frames vs. real frames (lower)
 Every metric comes as ``<name>_total`` (whole video) and ``<name>_last`` (last ``tail_seconds``).
 
-The networks (a mouth-opening "sync expert" and an identity embedder) are tiny CNNs trained on
-renderer ground truth by :meth:`MetricNets.train` in a few minutes on CPU.
+The networks (a mouth-opening "sync expert" and an identity embedder) are tiny CNNs trained on a metric
+backend's labelled frames by :meth:`MetricNets.train` in a few minutes on CPU.  The backend (registered in
+:mod:`avatarforcing.backends`; the synthetic world's renderer ground truth, ``world``, is the default) also
+gives the audio envelope the lip-sync metric correlates the mouth with; this module names no backend module.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ from scipy import linalg
 from torch import nn
 
 from . import AvatarForcingError
-from .world.render import render, sample_identity
-from .world.speech import FPS, SAMPLE_RATE, speech_envelope
+from .audio import FPS, SAMPLE_RATE
+from .backends import metric_backend
 
-ID_SEED_BASE = 10_000_000        # identity seeds used to train the metric nets (disjoint from clip seeds)
+DEFAULT_BACKEND = "world"        # metric backend of nets trained / saved without one (the synthetic world)
 CHECKPOINT_VERSION = 1
 
 # ----------------------------------------------------------------------------------------------
@@ -87,23 +89,7 @@ class IdentityNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# training data from the renderer
-
-
-def _training_frames(num_ids: int, per_id: int, size: int, seed: int):
-    """Random poses / mouths / blinks of ``num_ids`` identities -> (uint8 [N,S,S,3], mouth [N], label [N])."""
-    rng = np.random.default_rng([seed, 303])
-    frames, mouth, labels = [], [], []
-    for i in range(num_ids):
-        ident = sample_identity(ID_SEED_BASE + 100_000 * seed + i)
-        m = rng.uniform(0, 1, per_id) * (rng.uniform(size=per_id) < 0.8)        # ~20% closed mouths
-        pose = np.stack([rng.uniform(-0.09, 0.09, per_id), rng.uniform(-0.06, 0.09, per_id),
-                         rng.uniform(-0.11, 0.11, per_id)], 1)
-        blink = rng.uniform(0, 1, per_id) * (rng.uniform(size=per_id) < 0.2)
-        frames.append(render(ident, m, pose, blink, size=size, supersample=2))
-        mouth.append(m)
-        labels.append(np.full(per_id, i))
-    return np.concatenate(frames), np.concatenate(mouth).astype(np.float32), np.concatenate(labels)
+# training helpers (the labelled frames come from the metric backend: MetricBackend.training_frames)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -144,6 +130,11 @@ class MetricNets:
         self.size = size
         self.info = info or {}
 
+    @property
+    def backend(self) -> str:
+        """The metric backend the nets were trained on (``info['backend']``, default :data:`DEFAULT_BACKEND`)."""
+        return str(self.info.get("backend", DEFAULT_BACKEND))
+
     @classmethod
     def random(cls, seed: int = 0, size: int = 64, num_ids: int = 8) -> "MetricNets":
         """Untrained nets: enough for metrics whose property does not depend on training."""
@@ -153,8 +144,10 @@ class MetricNets:
     @classmethod
     def train(cls, out_path: os.PathLike | str | None = None, num_ids: int = 128, frames_per_id: int = 24,
               sync_steps: int = 600, id_steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
-              size: int = 64, seed: int = 0, threads: int | None = 1, log=print) -> "MetricNets":
-        """Train both nets on freshly rendered frames (defaults: a few minutes on 2 CPU cores).
+              size: int = 64, seed: int = 0, threads: int | None = 1, log=print,
+              backend: str = DEFAULT_BACKEND) -> "MetricNets":
+        """Train both nets on freshly rendered frames of metric backend ``backend`` (defaults: a few minutes on
+        2 CPU cores; the backend's name is kept in ``info`` and picks the lip-sync envelope of evaluate_video).
 
         ``threads`` sets torch's intra-op threads while training (None keeps torch's setting; one thread
         is the fastest on a busy shared machine, where more threads oversubscribe the cores)."""
@@ -162,19 +155,22 @@ class MetricNets:
         if threads:
             torch.set_num_threads(threads)
         try:
-            return cls._train(out_path, num_ids, frames_per_id, sync_steps, id_steps, batch_size, lr, size, seed, log)
+            return cls._train(out_path, num_ids, frames_per_id, sync_steps, id_steps, batch_size, lr, size, seed, log,
+                              backend)
         finally:
             torch.set_num_threads(previous)
 
     @classmethod
-    def _train(cls, out_path, num_ids, frames_per_id, sync_steps, id_steps, batch_size, lr, size, seed, log):
+    def _train(cls, out_path, num_ids, frames_per_id, sync_steps, id_steps, batch_size, lr, size, seed, log,
+               backend=DEFAULT_BACKEND):
         if size % 16:
             raise AvatarForcingError(f"metric net size must be a multiple of 16, got {size}")
         if num_ids < 2 or frames_per_id < 2:
             raise AvatarForcingError(f"need num_ids >= 2 and frames_per_id >= 2, got {num_ids} and {frames_per_id}")
         log = log or (lambda *_: None)
+        training_frames = metric_backend(backend).training_frames
         t0 = time.perf_counter()
-        frames, mouth, labels = _training_frames(num_ids, frames_per_id, size, seed)
+        frames, mouth, labels = training_frames(num_ids, frames_per_id, size, seed)
         t_data = time.perf_counter() - t0
         log(f"metric nets: rendered {len(frames)} frames of {num_ids} identities in {t_data:.1f}s")
         x_all = _to_input(frames, size)
@@ -204,10 +200,11 @@ class MetricNets:
         t_sync = fit(sync, sync_steps, lambda m, x, i: F.mse_loss(m(x), y_mouth[i]), "sync")
         t_id = fit(ident, id_steps, lambda m, x, i: F.cross_entropy(m.logits(m(x)[0]), y_id[i]), "identity")
         info = dict(trained=True, num_ids=num_ids, frames_per_id=frames_per_id, sync_steps=sync_steps,
-                    id_steps=id_steps, seed=seed, seconds_data=t_data, seconds_sync=t_sync, seconds_id=t_id)
+                    id_steps=id_steps, seed=seed, seconds_data=t_data, seconds_sync=t_sync, seconds_id=t_id,
+                    backend=backend)
         nets = cls(sync, ident, size, info)
         # Held-out check on unseen identities (reported, stored in the checkpoint).
-        v_frames, v_mouth, _ = _training_frames(8, 8, size, seed + 1)
+        v_frames, v_mouth, _ = training_frames(8, 8, size, seed + 1)
         pred = nets.mouth_open(v_frames)
         info["val_mouth_corr"] = float(np.corrcoef(pred, v_mouth)[0, 1])
         log(f"metric nets: trained in {time.perf_counter() - t0:.1f}s (data {t_data:.1f}s, sync {t_sync:.1f}s, "
@@ -398,13 +395,14 @@ def _check_video(frames, reference) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fps: int = FPS,
                    tail_seconds: float = 10.0, sample_rate: int = SAMPLE_RATE, max_offset: int = 15,
-                   crop: float = 0.6) -> dict:
+                   crop: float = 0.6, envelope=None) -> dict:
     """All metrics of one video -> {name_total, name_last, ...} (see the module docstring).
 
     frames uint8 [T, H, W, 3]; wav float [N] at ``sample_rate`` (the driving audio, frame 0 at
     sample 0; None skips lip sync); reference uint8 [H, W, 3]; real_feats: features [M, D] of real
     frames (``nets.features``) or their ``feature_stats`` (None skips FID). "last" covers the final
-    ``tail_seconds`` (the whole video if it is shorter)."""
+    ``tail_seconds`` (the whole video if it is shorter).  ``envelope(wav, sample_rate, fps, T)`` -> [T]: the
+    audio loudness the mouth is correlated with (default: that of the nets' metric backend, ``nets.backend``)."""
     frames, reference = _check_video(frames, reference)
     T = len(frames)
     tail = min(T, max(2, int(round(tail_seconds * fps))))
@@ -416,7 +414,8 @@ def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fp
         out[f"{name}_last"] = float(np.mean(series[-n:]))
 
     if wav is not None:
-        env = speech_envelope(np.asarray(wav, np.float32).reshape(-1), sample_rate, fps, T)
+        envelope = envelope or metric_backend(nets.backend).envelope
+        env = np.asarray(envelope(np.asarray(wav, np.float32).reshape(-1), sample_rate, fps, T))
         mouth = nets.mouth_open(frames)
         for part, sl in (("total", slice(0, T)), ("last", slice(T - tail, T))):
             s = sync_scores(mouth[sl], env[sl], max(0, min(max_offset, (sl.stop - sl.start - 4) // 2)))

@@ -183,7 +183,12 @@ class AvatarPipeline:
         schedule = WindowSchedule.from_config(cfg.schedule)
         cache_cfg = CacheConfig.from_config(cfg.cache)
 
-        model = build_model(cfg.model)
+        # Random initialisations (no checkpoint / vae.path, tiny wav2vec2) are seeded from cfg.seed, each
+        # component on its own, in a forked RNG: same seed, same model; the callers' RNG state is untouched.
+        seed = int(cfg.get("seed", 0) or 0)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_model(cfg.model)
         checkpoint = checkpoint or inf.checkpoint
         if checkpoint:
             checkpoint = resolve_path(checkpoint)
@@ -200,13 +205,17 @@ class AvatarPipeline:
         if inf.get("compile", False):           # lazy: compiles at the stream's first steady-state step
             model.compile_streaming(str(inf.get("compile_mode", "default")))
 
-        vae = build_vae(cfg.vae)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            vae = build_vae(cfg.vae)
         if not cfg.vae.path:
             log.warning("no VAE weights configured (vae.path): using a randomly initialised VAE (base_dim %d)",
                         cfg.vae.base_dim)
         vae = vae.to(device, dtype).eval().requires_grad_(False)
 
-        audio_encoder = build_audio_encoder(cfg.audio).to(device).eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            audio_encoder = build_audio_encoder(cfg.audio).to(device).eval()
         if isinstance(audio_encoder, Wav2Vec2Features):   # weights in the run dtype (mel features stay fp32)
             audio_encoder.model.to(dtype)
         text_encoder = build_text_encoder(cfg.text, int(cfg.model.text_dim), int(cfg.model.text_len), dtype=dtype)

@@ -1,7 +1,9 @@
-"""Profiling hooks of the streaming pipeline (the default does nothing)."""
+"""Profiling hooks of the streaming pipeline (the default does nothing), and the steady-state latency of a
+profiled stream (shared by scripts/bench_latency.py and the world's evaluation)."""
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 import torch
@@ -87,3 +89,20 @@ class StepProfiler:
             r["total"] = r["step"] + r["vae"]
             out.append(r)
         return out
+
+
+def steady_state_seconds_per_frame(records: list[dict], frames_per_step: int, drain_steps: int,
+                                   warmup: int = 1) -> tuple[float, dict]:
+    """Emitting-step records (StepProfiler.emitting_steps) -> (s/frame, details).
+
+    Drops the first ``warmup`` and the last ``drain_steps`` records (falls back to what is left, then to all)."""
+    steady = records[warmup:len(records) - drain_steps] if drain_steps else records[warmup:]
+    used = "steady"
+    if not steady:
+        steady, used = (records[warmup:] or records), "all_emitting"
+    if not steady:
+        return float("nan"), {"steps_timed": 0}
+    parts = {k: statistics.fmean(r.get(k, 0.0) for r in steady) / frames_per_step
+             for k in ("audio", "dit", "kv", "vae", "other", "total")}
+    return parts["total"], {"steps_timed": len(steady), "steps_emitting": len(records), "used": used,
+                            "s_per_frame_parts": parts}

@@ -303,15 +303,14 @@ def build_vae(cfg_vae):
     """`vae:` config section -> the latent codec.
 
     kind wan (default): WanVAE loaded from vae.path, or a random init of base_dim / z_dim if it is null.
-    kind world: the synthetic world's light codec (avatarforcing/world/codec.py), same interface."""
-    if cfg_vae.get("kind", "wan") == "world":
-        from .config import resolve_path
-        from .world.codec import WorldCodec
-        if cfg_vae.get("path"):
-            return WorldCodec.load(resolve_path(cfg_vae["path"]))
-        return WorldCodec(z_dim=int(cfg_vae.get("z_dim", 16)))
-    if cfg_vae.get("kind", "wan") != "wan":
-        raise AvatarForcingError(f"vae.kind must be 'wan' or 'world', got '{cfg_vae.get('kind')}'")
+    Any other kind: the factory registered for it in :mod:`avatarforcing.backends` (e.g. ``world``, the
+    synthetic world's light codec, registered by avatarforcing.world and imported on demand), same interface."""
+    from .backends import vae_factory
+    return vae_factory(cfg_vae.get("kind", "wan"))(cfg_vae)
+
+
+def _build_wan_vae(cfg_vae):
+    """``vae.kind: wan``: WanVAE from vae.path, or a random init of base_dim / z_dim if it is null."""
     if cfg_vae.get("path"):
         vae = WanVAE.from_pretrained(cfg_vae["path"], cfg_vae.get("latents_mean"), cfg_vae.get("latents_std"))
     else:
@@ -322,4 +321,12 @@ def build_vae(cfg_vae):
                                  "the default), another positive number, or 0 (a whole block per call)")
     vae.decode_frames_per_call = frames
     return vae
+
+
+def _register_wan() -> None:
+    from .backends import register_vae
+    register_vae("wan", _build_wan_vae)
+
+
+_register_wan()
 

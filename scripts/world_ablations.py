@@ -3,8 +3,8 @@
     python scripts/world_ablations.py --run runs/world --config configs/world/base.yaml --out results/world \
         [--tables 3,4,5,6] [--cases 2] [--seconds 60] [--fast] [--teacher-steps K] [key=value ...]
 
-Reads (written by avatarforcing/world/pipeline.py): RUN/codec.pt, RUN/metric_nets.pt, RUN/teacher/export/model.pt,
-RUN/ode_student/export/model.pt, RUN/dmd/export/model.pt and, if present, the one-step causal baselines
+Reads (written by avatarforcing/world/pipeline.py; layout: avatarforcing/world/layout.py): RUN/codec.pt,
+RUN/metric_nets.pt, RUN/teacher/export/model.pt, RUN/ode_student/export/model.pt, RUN/dmd/export/model.pt and, if present, the one-step causal baselines
 RUN/causal_ode/export/model.pt and RUN/self_forcing/export/model.pt.
 
 Every variant is rolled out on the same held-out clips (avatarforcing/world/evaluate.py: world seed 10_000, never
@@ -47,9 +47,10 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from avatarforcing import AvatarForcingError  # noqa: E402
-from avatarforcing.world.evaluate import (HELD_OUT_WORLD_SEED, _fmt, _mean_rows, evaluate_run,  # noqa: E402
-                                          evaluate_variant, held_out_cases, markdown_table, real_feature_stats,
+from avatarforcing.world.evaluate import (HELD_OUT_WORLD_SEED, evaluate_run, evaluate_variant,  # noqa: E402
+                                          fmt, held_out_cases, markdown_table, mean_rows, real_feature_stats,
                                           resolve_config, run_overrides, write_json)
+from avatarforcing.world.layout import RunLayout  # noqa: E402
 
 FULL_GRID = ((1, 2, 4, 8), (1, 2, 4, 8))
 FAST_GRID = ((1, 2, 4), (1, 2))
@@ -68,10 +69,9 @@ METRIC_NAMES = {"csim_last": "CSIM last", "delta_e_last": "ΔE last", "adj_feat_
 
 
 def run_paths(run: Path) -> dict[str, Path]:
-    return {"codec": run / "codec.pt", "metric_nets": run / "metric_nets.pt",
-            "teacher": run / "teacher" / "export" / "model.pt", "ode": run / "ode_student" / "export" / "model.pt",
-            "dmd": run / "dmd" / "export" / "model.pt", "causal_ode": run / "causal_ode" / "export" / "model.pt",
-            "self_forcing": run / "self_forcing" / "export" / "model.pt"}
+    """The run's codec, metric nets and model exports (avatarforcing/world/layout.py)."""
+    layout = RunLayout(run)
+    return {"codec": layout.codec, "metric_nets": layout.metric_nets, **layout.models()}
 
 
 NEEDS = {3: ("dmd",), 4: ("teacher", "ode", "dmd"), 5: ("dmd",), 6: ("dmd", "ode")}
@@ -144,7 +144,7 @@ def compare(a: dict, b: dict, metrics) -> tuple[int, int, int, list[str]]:
             wins, mark = wins + 1, " ✓"
         else:
             losses, mark = losses + 1, " ✗"
-        parts.append(f"{METRIC_NAMES.get(key, key)} {_fmt(x, digits)} vs {_fmt(y, digits)}{mark}")
+        parts.append(f"{METRIC_NAMES.get(key, key)} {fmt(x, digits)} vs {fmt(y, digits)}{mark}")
     return wins, losses, n, parts
 
 
@@ -237,8 +237,8 @@ def grid_markdown(rows, Ls, Ns, part: str) -> str:
             if r is None:
                 vals.append("-")
                 continue
-            vals.append(f"{_fmt(r.get(f'csim_{part}'), 2)} / {_fmt(100 * r.get(f'adj_feat_{part}', float('nan')), 2)}"
-                        f" / {_fmt(1e3 * r.get('latency_s_per_frame', float('nan')), 2)}")
+            vals.append(f"{fmt(r.get(f'csim_{part}'), 2)} / {fmt(100 * r.get(f'adj_feat_{part}', float('nan')), 2)}"
+                        f" / {fmt(1e3 * r.get('latency_s_per_frame', float('nan')), 2)}")
         lines.append(f"| {N} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -447,7 +447,7 @@ def _main(args) -> int:
             print("--reuse: summary.json was made with other settings; recomputing everything", flush=True)
 
     real_rows = [{"variant": "Real clips", "kind": "real", "cases": len(cases),
-                  **_mean_rows([evaluate_variant(c.real_frames, c, nets, real_feats, TAIL_SECONDS) for c in cases])}]
+                  **mean_rows([evaluate_variant(c.real_frames, c, nets, real_feats, TAIL_SECONDS) for c in cases])}]
     results, markdowns, notes, figures, timings = {}, {}, {}, [], {}
     summary = {"settings": settings, "tables": {}, "claims": [], "real": real_rows[0], "notes": notes,
                "timings_s": timings}

@@ -23,13 +23,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from avatarforcing.world.layout import RunLayout
         from avatarforcing.world.pipeline import run_pipeline
         cfg = load_config(args.config, args.overrides)
         run_pipeline(cfg, args.stages.split(",") if args.stages else None)
     except AvatarForcingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(Path(cfg.world.run) / "state.json")
+    print(RunLayout(cfg.world.run).state_path)
     return 0
 
 

@@ -94,8 +94,11 @@ class Preprocessor:
         self.device = torch.device(device or dev)
         self.B = int(cfg.schedule.block_frames)
         self.clip_video_frames = 1 + 4 * int(cfg.data.clip_blocks) * self.B
-        self.vae = build_vae(cfg.vae).to(self.device).eval()
-        self.audio = build_audio_encoder(cfg.audio).to(self.device).eval()
+        with torch.random.fork_rng():       # random inits (no vae.path, tiny wav2vec2) follow cfg.seed
+            torch.manual_seed(int(cfg.seed))
+            self.vae = build_vae(cfg.vae).to(self.device).eval()
+            torch.manual_seed(int(cfg.seed))
+            self.audio = build_audio_encoder(cfg.audio).to(self.device).eval()
         if 4 * self.audio.feature_dim != int(cfg.model.audio_dim):
             raise AvatarForcingError(f"the audio encoder gives {self.audio.feature_dim} features per video frame -> "
                                      f"{4 * self.audio.feature_dim} per latent frame, but model.audio_dim is "

@@ -555,7 +555,9 @@ class Trainer:
         try:
             from ..vae import build_vae
             if not hasattr(self, "_vae"):
-                self._vae = build_vae(self.cfg.vae).to(self.device)
+                with torch.random.fork_rng():   # a random init (no vae.path) follows cfg.seed, as in preprocessing
+                    torch.manual_seed(int(self.cfg.seed))
+                    self._vae = build_vae(self.cfg.vae).to(self.device)
             with torch.no_grad():
                 video = self._vae.decode(latents[:1].to(self.device))          # [1, 3, T, H, W] in [-1, 1]
             frames = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).byte().cpu().numpy()

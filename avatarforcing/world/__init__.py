@@ -2,9 +2,15 @@
 
 Real weights and data cannot be downloaded here, so the whole method is trained and evaluated on
 this world, whose ground truth (mouth opening, head pose, blinks, identity) is known exactly.
+
+Importing this package registers its backends (:mod:`avatarforcing.backends`) like any other plugin: the codec
+as ``vae.kind: world`` and the metric backend ``world`` (renderer frames / speech envelope for the metric nets).
+The core never imports it statically; the backend registry imports it on the first lookup of kind ``world``.
 """
+from .. import backends as _backends
 from .dataset import Clip, clip_seed, generate_clip, load_ground_truth, sample_reference, write_world
 from .render import Identity, Motion, measure_mouth_open, render, sample_identity, sample_motion
+from .metric_nets import METRIC_BACKEND
 from .speech import FPS, SAMPLE_RATE, SpeechClip, speech_envelope, synth_speech
 
 __all__ = [
@@ -12,3 +18,13 @@ __all__ = [
     "Identity", "Motion", "measure_mouth_open", "render", "sample_identity", "sample_motion",
     "FPS", "SAMPLE_RATE", "SpeechClip", "speech_envelope", "synth_speech",
 ]
+
+
+def _build_codec(cfg_vae):
+    """vae.kind: world -> :func:`avatarforcing.world.codec.build_codec` (imported when first used)."""
+    from .codec import build_codec
+    return build_codec(cfg_vae)
+
+
+_backends.register_vae("world", _build_codec)
+_backends.register_metric_backend("world", METRIC_BACKEND)

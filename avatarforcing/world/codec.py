@@ -400,6 +400,15 @@ class WorldCodec(nn.Module):
     from_pretrained = load
 
 
+def build_codec(cfg_vae) -> WorldCodec:
+    """``vae.kind: world`` (registered in :mod:`avatarforcing.backends` by avatarforcing.world): the codec
+    loaded from vae.path, or a random init of vae.z_dim (default 16) if it is null."""
+    from ..config import resolve_path
+    if cfg_vae.get("path"):
+        return WorldCodec.load(resolve_path(cfg_vae["path"]))
+    return WorldCodec(z_dim=int(cfg_vae.get("z_dim", 16)))
+
+
 def _upgrade_state(state: dict) -> dict:
     """Files from before the decoder's per-position patch bias held a per-channel transposed-conv bias:
     the same function, as a constant patch."""

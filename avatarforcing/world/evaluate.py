@@ -25,7 +25,7 @@ Frame / audio convention
     reference latent, so frame t of a rollout corresponds to real frame t; rollouts are cut to T frames.
 
 Latency
-    Student: the pipeline's profiler interface (``scripts/bench_latency.StepProfiler``): per emitting streaming
+    Student: the pipeline's profiler interface (``avatarforcing.profiling.StepProfiler``): per emitting streaming
     step, the sampler step (audio encoding, DiT window forward, KV update) plus the VAE decode of the emitted
     block, over the 4B frames it emits.  Start-up (model build, reference encode, anchor prefill), the first
     ``warmup`` emitting steps and the final L-1 drain steps (shrinking windows) are excluded: the Table 2 protocol
@@ -34,12 +34,10 @@ Latency
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,11 +48,12 @@ import numpy as np
 import torch
 
 from .. import AvatarForcingError
+from ..profiling import StepProfiler, steady_state_seconds_per_frame  # noqa: F401 (re-exported)
 from .dataset import clip_seed, generate_clip
+from .layout import RunLayout
 from .speech import FPS, SAMPLE_RATE
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_WORLD_SEED = 0              # world seed of every training stage (clip_seed(0, i))
 HELD_OUT_WORLD_SEED = 10_000      # world seed of the evaluation clips
 CODEC_HELD_OUT_WORLD_SEED = 1_000_003   # world/codec.py's held-out PSNR clips (seed 1_000_003 + s)
@@ -120,41 +119,7 @@ def resolve_config(cfg, overrides: Sequence[str] = ()):
 
 
 # ----------------------------------------------------------------------------------------------
-# latency instrumentation (scripts/bench_latency.py's)
-
-
-def _bench_latency():
-    """scripts/bench_latency.py as a module (scripts/ is not a package)."""
-    name = "avatarforcing_scripts_bench_latency"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO_ROOT / "scripts" / "bench_latency.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def steady_state_seconds_per_frame(records: list[dict], frames_per_step: int, drain_steps: int,
-                                   warmup: int = 1) -> tuple[float, dict]:
-    """Emitting-step records (StepProfiler.emitting_steps) -> (s/frame, details).
-
-    Drops the first ``warmup`` and the last ``drain_steps`` records (falls back to what is left, then to all)."""
-    steady = records[warmup:len(records) - drain_steps] if drain_steps else records[warmup:]
-    used = "steady"
-    if not steady:
-        steady, used = (records[warmup:] or records), "all_emitting"
-    if not steady:
-        return float("nan"), {"steps_timed": 0}
-    parts = {k: statistics.fmean(r.get(k, 0.0) for r in steady) / frames_per_step
-             for k in ("audio", "dit", "kv", "vae", "other", "total")}
-    return parts["total"], {"steps_timed": len(steady), "steps_emitting": len(records), "used": used,
-                            "s_per_frame_parts": parts}
-
-
-# ----------------------------------------------------------------------------------------------
-# rollouts
+# rollouts (latency: avatarforcing.profiling's StepProfiler and steady_state_seconds_per_frame)
 
 
 def rollout_student(cfg, checkpoint, case: Case, overrides: Sequence[str] = (), seed: int = 0, warmup: int = 1,
@@ -168,8 +133,7 @@ def rollout_student(cfg, checkpoint, case: Case, overrides: Sequence[str] = (), 
     if pipe is None:
         pipe = AvatarPipeline.from_config(resolve_config(cfg, overrides), checkpoint)
     _check_size(pipe, case)
-    bench = _bench_latency()
-    prof = bench.StepProfiler(pipe.device)
+    prof = StepProfiler(pipe.device)
     chunks = []
     t0 = time.perf_counter()
     with prof.hooks(pipe.model):
@@ -314,14 +278,15 @@ def _as_variant(name: str, spec) -> Variant:
 
 def run_overrides(run_dir) -> list[str]:
     """Overrides that point the config at a run's codec (``RUN/codec.pt``) when it exists."""
-    codec = Path(run_dir) / "codec.pt"
+    codec = RunLayout(run_dir).codec
     return ["vae.kind=world", f"vae.path={codec}"] if codec.is_file() else []
 
 
 METRIC_KEYS = ("csim", "delta_e", "adj_feat", "adj_pixel", "sync_conf", "sync_offset", "sync_dist", "fid")
 
 
-def _mean_rows(rows: list[dict]) -> dict:
+def mean_rows(rows: list[dict]) -> dict:
+    """Per-case metric rows -> their means over the numeric keys (the first row's keys)."""
     out = {}
     for key in rows[0]:
         vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
@@ -384,9 +349,9 @@ def evaluate_run(run_dir, cfg_path, variants: Mapping[str, tuple], cases: Sequen
             say(f"[{name}] {v.name} case {case.index}: CSIM {metrics['csim_total']:.3f}/{metrics['csim_last']:.3f} "
                 f"dE {metrics['delta_e_total']:.2f}/{metrics['delta_e_last']:.2f} "
                 f"adj {metrics['adj_feat_total']:.4f}/{metrics['adj_feat_last']:.4f} "
-                f"latency {_fmt(metrics['latency_s_per_frame'], 4)} s/frame (rollout {rollout_s:.1f} s)")
+                f"latency {fmt(metrics['latency_s_per_frame'], 4)} s/frame (rollout {rollout_s:.1f} s)")
         row = {"variant": v.name, "kind": v.kind, "checkpoint": v.checkpoint or "", "overrides": " ".join(v.overrides),
-               "cases": len(results), **_mean_rows(results)}
+               "cases": len(results), **mean_rows(results)}
         rows.append(row)
     if out_dir is None:
         out_dir = run_dir
@@ -419,7 +384,8 @@ def write_csv(path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def _fmt(x, digits: int = 3) -> str:
+def fmt(x, digits: int = 3) -> str:
+    """A table cell: ``x`` to ``digits`` decimals, ``-`` for None / NaN / inf."""
     if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
         return "-"
     return f"{x:.{digits}f}"
@@ -430,11 +396,11 @@ def _tl(row: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
     if t is None and l_ is None:
         return "-"
     s = lambda v: None if v is None else v * scale  # noqa: E731
-    return f"{_fmt(s(t), digits)} / {_fmt(s(l_), digits)}"
+    return f"{fmt(s(t), digits)} / {fmt(s(l_), digits)}"
 
 
 TABLE_COLUMNS = (
-    ("Latency (s/frame) ↓", lambda r: _fmt(r.get("latency_s_per_frame"), 4)),
+    ("Latency (s/frame) ↓", lambda r: fmt(r.get("latency_s_per_frame"), 4)),
     ("CSIM ↑", lambda r: _tl(r, "csim", 3)),
     ("ΔE2000 ↓", lambda r: _tl(r, "delta_e", 2)),
     ("Adj-feat (1e-2) ↓", lambda r: _tl(r, "adj_feat", 2, 100.0)),

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import AvatarForcingError
 from ..config import REPO_ROOT, apply_overrides
+from .layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +37,19 @@ CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
 
 
-class Run:
-    """The run folder: stage outputs and ``state.json`` (finished stages with their results and wall times)."""
+class Run(RunLayout):
+    """The run folder (paths: :class:`~avatarforcing.world.layout.RunLayout`) and ``state.json`` (finished stages
+    with their results and wall times)."""
 
     def __init__(self, cfg: DictConfig):
+        super().__init__(cfg.world.run)
         self.cfg = cfg
-        self.dir = Path(cfg.world.run)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.state_path = self.dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
-
-    # paths every stage agrees on
-    @property
-    def data(self) -> Path: return self.dir / "data"
-    @property
-    def codec(self) -> Path: return self.dir / "codec.pt"
-    @property
-    def shards(self) -> Path: return self.dir / "shards"
-    @property
-    def ode_store(self) -> Path: return self.dir / "ode"
-    @property
-    def metric_nets(self) -> Path: return self.dir / "metric_nets.pt"
-
-    def export(self, stage: str) -> Path:
-        return self.dir / stage / "export" / "model.pt"
 
     def stage_cfg(self, overrides_key: str | None = None, extra=()) -> DictConfig:
         """The pipeline config with the run's paths and a stage's overrides applied."""
-        paths = [f"vae.path={self.codec}", f"data.source={self.data / 'index.csv'}", f"data.shards={self.shards}",
+        paths = [f"vae.path={self.codec}", f"data.source={self.index}", f"data.shards={self.shards}",
                  f"data.ode={self.ode_store}"]
         stage = list(self.cfg.world[overrides_key]) if overrides_key else []
         return apply_overrides(self.cfg, paths + list(extra) + stage, f"world.{overrides_key or 'paths'}")
@@ -106,7 +92,7 @@ def stage_shards(run: Run) -> dict:
 
 def _train(run: Run, stage_cls, name: str, overrides_key: str, extra=()) -> dict:
     from ..train.trainer import run_stage
-    cfg = run.stage_cfg(overrides_key, [f"train.output_dir={run.dir / name}", *extra])
+    cfg = run.stage_cfg(overrides_key, [f"train.output_dir={run.stage_dir(name)}", *extra])
     metrics = run_stage(stage_cls, cfg)
     if not run.export(name).is_file():
         raise AvatarForcingError(f"stage {name} finished without writing {run.export(name)}")
@@ -160,15 +146,15 @@ def stage_evaluate(run: Run) -> dict:
         "Student (ODE)": ("student", run.export("ode_student"), []),
         "AvatarForcing (DMD)": ("student", run.export("dmd"), []),
     }
-    rows = E.evaluate_run(run.dir / "eval", cfg, variants, cases, nets, teacher_steps=int(w.eval_teacher_steps),
+    rows = E.evaluate_run(run.eval_dir, cfg, variants, cases, nets, teacher_steps=int(w.eval_teacher_steps),
                           overrides=["inference.use_ema=true"])          # the runs' exports hold EMA weights
-    return {"rows": rows, "table": str(run.dir / "eval" / "table.md")}
+    return {"rows": rows, "table": str(run.eval_dir / "table.md")}
 
 
 def stage_causal_backfill(run: Run) -> dict:
     from ..train.ode import backfill
     cfg = run.stage_cfg("backfill_overrides", [f"ode.teacher={run.export('teacher')}", "ode.teacher_ema=true",
-                                               *CAUSAL, f"data.ode={run.dir / 'ode_causal'}"])
+                                               *CAUSAL, f"data.ode={run.ode_causal_store}"])
     stats = backfill(cfg, progress=True)
     return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list))}
 
@@ -176,14 +162,14 @@ def stage_causal_backfill(run: Run) -> dict:
 def stage_causal_ode(run: Run) -> dict:
     from ..train.ode import ODEStage
     return _train(run, ODEStage, "causal_ode", "ode_overrides", [
-        f"train.init={run.export('teacher')}", "train.init_ema=true", *CAUSAL, f"data.ode={run.dir / 'ode_causal'}"])
+        f"train.init={run.export('teacher')}", "train.init_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}"])
 
 
 def stage_self_forcing(run: Run) -> dict:
     from ..train.dmd import DMDStage
     return _train(run, DMDStage, "self_forcing", "dmd_overrides", [
         f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true", f"dmd.generator={run.export('causal_ode')}",
-        "dmd.generator_ema=true", *CAUSAL, f"data.ode={run.dir / 'ode_causal'}"])
+        "dmd.generator_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}"])
 
 
 STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
@@ -225,7 +211,7 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     torch.set_num_threads(int(cfg.world.threads))
     torch.set_flush_denormal(True)
     run = Run(cfg)
-    OmegaConf.save(cfg, run.dir / "config.yaml")
+    OmegaConf.save(cfg, run.config_path)
     order = STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
     wanted = list(stages or order)
     unknown = [s for s in wanted if s not in STAGES + BASELINE_STAGES]

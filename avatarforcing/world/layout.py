@@ -1,0 +1,67 @@
+"""The run folder of the world pipeline: the one definition of where every stage's output lives.
+
+    RUN/state.json                      finished stages with their results and wall times
+    RUN/config.yaml                     the resolved pipeline config
+    RUN/data/index.csv                  the rendered world (stage data)
+    RUN/codec.pt                        the light codec (stage codec; vae.path)
+    RUN/shards/                         preprocessed training samples (stage shards; data.shards)
+    RUN/ode/, RUN/ode_causal/           ODE pairs of the teacher's backfill, windowed / causal (data.ode)
+    RUN/<stage dir>/export/model.pt     a trained stage's export (teacher, ode_student, dmd, causal_ode, self_forcing)
+    RUN/metric_nets.pt                  the metric networks (stage metric_nets)
+    RUN/eval/                           evaluation tables and samples (stage evaluate)
+
+Used by :mod:`avatarforcing.world.pipeline` (writes), :mod:`avatarforcing.world.evaluate` and
+``scripts/world_ablations.py`` (read).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# model name -> training folder under RUN (the folder holds export/model.pt)
+MODEL_DIRS = {"teacher": "teacher", "ode": "ode_student", "dmd": "dmd", "causal_ode": "causal_ode",
+              "self_forcing": "self_forcing"}
+
+
+class RunLayout:
+    """Paths of a world run folder (nothing is created or read)."""
+
+    def __init__(self, root: os.PathLike | str):
+        self.dir = Path(root)
+
+    @property
+    def state_path(self) -> Path: return self.dir / "state.json"
+    @property
+    def config_path(self) -> Path: return self.dir / "config.yaml"
+    @property
+    def data(self) -> Path: return self.dir / "data"
+    @property
+    def index(self) -> Path: return self.data / "index.csv"
+    @property
+    def codec(self) -> Path: return self.dir / "codec.pt"
+    @property
+    def shards(self) -> Path: return self.dir / "shards"
+    @property
+    def ode_store(self) -> Path: return self.dir / "ode"
+    @property
+    def ode_causal_store(self) -> Path: return self.dir / "ode_causal"
+    @property
+    def metric_nets(self) -> Path: return self.dir / "metric_nets.pt"
+    @property
+    def eval_dir(self) -> Path: return self.dir / "eval"
+
+    def stage_dir(self, stage: str) -> Path:
+        """A training stage's output folder (``train.output_dir``), by folder name (e.g. ``ode_student``)."""
+        return self.dir / stage
+
+    def export(self, stage: str) -> Path:
+        """A training stage's exported model, by folder name (e.g. ``ode_student``)."""
+        return self.stage_dir(stage) / "export" / "model.pt"
+
+    def model(self, name: str) -> Path:
+        """A trained model's export by model name (:data:`MODEL_DIRS`: teacher, ode, dmd, causal_ode, self_forcing)."""
+        return self.export(MODEL_DIRS[name])
+
+    def models(self) -> dict[str, Path]:
+        """Every trained model's export, by model name."""
+        return {name: self.model(name) for name in MODEL_DIRS}
