@@ -1,21 +1,11 @@
-"""Self-attention context for streaming: 3-axis RoPE, the dual-anchor KV cache, and attention masks.
+"""Attention primitives: Wan's 3-axis RoPE, SDPA on [B, S, H, D], the per-layer K/V container, masks.
 
-Keys/values of one streaming forward are assembled as
-
-    [ style anchor | temporal cache | window ]
-      1 frame        <= T frames      F frames
-
-Every key is stored *pre-RoPE* and rotated on the fly at a frame position *relative to the current
-window*: the temporal frames sit at 0..n_t-1, the window at n_t..n_t+F-1, and the style anchor at the
-virtual index ``d`` (= u_i + d with u_i the first frame of [temporal | window], so u_i = 0 here).
-Attention under RoPE depends only on position differences, so this equals absolute positions while
-the numbers never grow: streams are unbounded (no 1024-frame table).  With ``rope_reindex=False``
-(ablation) the anchor keeps absolute position 0, i.e. relative position -u_i, drifting away.
+The streaming context built from them ([style anchor | temporal cache | window], window-relative RoPE
+positions) lives in avatarforcing/stream_state.py.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,143 +82,6 @@ class KV:
 
     def detach(self) -> "KV":
         return KV([k.detach() for k in self.k], [v.detach() for v in self.v], self.frames)
-
-
-@dataclass
-class CacheConfig:
-    temporal_frames: int = 2       # temporal-anchor budget (latent frames)
-    style_anchor: bool = True
-    temporal_anchor: bool = True
-    rope_reindex: bool = True
-    anchor_offset: int = -1        # d
-    zero_anchor_audio: bool = True
-    context_noise: float = 0.0     # timestep of the clean re-run
-    rerun_anchor: str = "window"   # anchor position in the clean re-run: window (u_i + d, as in the
-                                   # denoising pass) | absolute (frame 0, the reference release)
-
-    def __post_init__(self):
-        if self.rerun_anchor not in ("window", "absolute"):
-            from . import AvatarForcingError
-            raise AvatarForcingError(f"cache.rerun_anchor is '{self.rerun_anchor}'; use window or absolute")
-
-    @classmethod
-    def from_config(cls, cfg) -> "CacheConfig":
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
-
-
-@dataclass
-class StreamCache:
-    """Everything a stream carries between steps besides the window itself.
-
-    anchor:   pre-RoPE K/V of the reference frame (one prefill at t=0 with zero audio)
-    temporal: pre-RoPE K/V of the most recently emitted clean frames (<= temporal_frames)
-    text:     cross-attention K/V of the prompt, computed once per stream
-    next_frame: absolute latent index of the frame right after the temporal cache (= the window start)
-    """
-
-    cfg: CacheConfig
-    tokens_per_frame: int
-    grid: tuple[int, int]                  # (h, w) latent size of one frame
-    text: list | None = None
-    anchor: KV | None = None
-    temporal: KV | None = None
-    next_frame: int = 1
-    rerun: bool = False                    # True inside clean_rerun(): the forward writes the temporal cache
-    window_frames: int = 0                 # widest window forwarded so far (steady state: L*B)
-    _rotated: tuple | None = field(default=None, repr=False)   # memo of rotated_context()
-
-    @contextlib.contextmanager
-    def clean_rerun(self):
-        """Mark the forwards inside as the clean re-run of an emitted block (anchor position: cfg.rerun_anchor)."""
-        self.rerun = True
-        try:
-            yield self
-        finally:
-            self.rerun = False
-
-    def anchor_position(self, n_t: int) -> int:
-        """Frame position of the style anchor relative to [temporal | window] (whose first frame is 0).
-
-        Denoising pass: d (``anchor_offset``) with RoPE re-indexing, else the absolute frame 0, i.e. -u_i.
-        Clean re-run with ``rerun_anchor = absolute`` (the reference release): absolute frame 0 as well."""
-        u_abs = self.next_frame - n_t                       # absolute index of the first [temporal|window] frame
-        if self.rerun and self.cfg.rerun_anchor == "absolute":
-            return -u_abs
-        return self.cfg.anchor_offset if self.cfg.rope_reindex else -u_abs
-
-    def context(self) -> tuple[KV | None, torch.Tensor]:
-        """K/V prepended to the window's own, and their frame positions relative to the window's context."""
-        parts, pos = [], []
-        n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
-        if self.anchor is not None and self.cfg.style_anchor:
-            parts.append(self.anchor)
-            pos.append(self.anchor_position(n_t))
-        if n_t:
-            parts.append(self.temporal)
-            pos.extend(range(n_t))
-        kv = None
-        for p in parts:
-            kv = KV.cat(kv, p)
-        return kv, torch.tensor(pos, dtype=torch.long)
-
-    def rotated_context(self, rope: RotaryEmbedding, h: int, w: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per layer (RoPE-rotated keys, values) of [anchor | temporal], or None when there is no context.
-
-        The window's N passes and the clean re-run of one step share the same context: it is assembled and
-        rotated once per change of the cache (not per forward).  Context that carries gradients (training
-        with a differentiable anchor) is rebuilt every call so that no graph is shared between backwards."""
-        memo = self._rotated
-        key = (self.next_frame, self.rerun, h, w, str(device))
-        if memo is not None and memo[0] is self.anchor and memo[1] is self.temporal and memo[2] == key:
-            return memo[3]
-        kv, pos = self.context()
-        out = None
-        if kv is not None:
-            cos, sin = rope(pos, h, w, device)     # (h, w): the token grid of one frame
-            out = [(apply_rope(k, cos, sin), v) for k, v in zip(kv.k, kv.v)]
-        if not (kv is not None and any(k.requires_grad for k in kv.k + kv.v)):
-            self._rotated = (self.anchor, self.temporal, key, out)
-        return out
-
-    def steady_layout(self, num_frames: int) -> bool:
-        """Whether a forward of ``num_frames`` frames has the steady-state layout, whose shapes repeat every
-        step: the full context (anchor and ``temporal_frames`` of cache) and the widest window seen so far (L
-        blocks; a window forward also records its width), or the clean re-run.  Warm-up and drain are not."""
-        if not self.rerun:
-            self.window_frames = max(self.window_frames, num_frames)
-        if self.cfg.style_anchor and self.anchor is None:
-            return False
-        n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
-        budget = self.cfg.temporal_frames if self.cfg.temporal_anchor else 0
-        return n_t == max(budget, 0) and (self.rerun or num_frames == self.window_frames)
-
-    def window_positions(self, num_frames: int) -> torch.Tensor:
-        n_t = self.temporal.frames if (self.temporal is not None and self.cfg.temporal_anchor) else 0
-        return torch.arange(n_t, n_t + num_frames)
-
-    def push_temporal(self, kv: KV) -> None:
-        """Append the clean re-run's K/V of an emitted block and keep the last ``temporal_frames`` frames."""
-        self.next_frame += kv.frames
-        if not self.cfg.temporal_anchor or self.cfg.temporal_frames <= 0:
-            return
-        self._rotated = None                  # the memo holds the previous temporal K/V: let them go now
-        n = self.cfg.temporal_frames
-        kv = kv.detach().tail(n, self.tokens_per_frame)
-        old = n - kv.frames                   # frames still needed from the previous cache
-        if old > 0 and self.temporal is not None:
-            kv = KV.cat(self.temporal.tail(old, self.tokens_per_frame), kv)          # new tensors
-        else:   # own the storage: a slice would keep the whole re-run block alive (a view stays a view)
-            kv = KV([k.clone() for k in kv.k], [v.clone() for v in kv.v], kv.frames)
-        self.temporal = kv
-
-    def nbytes(self) -> int:
-        total = 0
-        for kv in (self.anchor, self.temporal):
-            if kv is not None:
-                total += sum(t.numel() * t.element_size() for t in kv.k + kv.v)
-        if self.text is not None:
-            total += sum(t.numel() * t.element_size() for kv in self.text for t in kv)
-        return total
 
 
 def frame_mask(groups: list[int], allowed: list[list[int]], tokens_per_frame: int) -> torch.Tensor:

@@ -17,13 +17,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from einops import rearrange
 
-from .attention import KV, RotaryEmbedding, StreamCache, apply_rope, attention
+from .attention import KV, RotaryEmbedding, apply_rope, attention
+
+if TYPE_CHECKING:
+    from .stream_state import StreamCache
 
 
 @dataclass

@@ -40,12 +40,12 @@ import numpy as np
 import torch
 
 from . import AvatarForcingError
-from .attention import CacheConfig
 from .audio import LATENT_STRIDE, AudioFeed, BatchAudio
 from .model import WanDiT, build_model
 from .profiling import NullProfiler
-from .sampler import NoiseSource, StreamingSampler
+from .sampler import StreamingSampler
 from .schedule import StreamStep, WindowSchedule
+from .stream_state import CacheConfig, NoiseSource
 
 log = logging.getLogger(__name__)
 

@@ -23,23 +23,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from .attention import CacheConfig, StreamCache
 from .model import WanDiT, i2v_input
 from .schedule import StreamStep, WindowSchedule, add_noise, flow_to_x0
+from .stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
 
 AudioSource = Callable[[int, int], torch.Tensor]
-
-
-class NoiseSource:
-    """Gaussian noise keyed by (block, level): results do not depend on the order of draws."""
-
-    def __init__(self, seed: int, device=None, dtype=torch.float32):
-        self.seed, self.device, self.dtype = int(seed), torch.device(device or "cpu"), dtype
-
-    def __call__(self, block: int, level: int, shape) -> torch.Tensor:
-        g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + block * 1_009 + level * 7 + 1) % (2 ** 63))
-        return torch.randn(shape, generator=g, device=self.device, dtype=torch.float32).to(self.dtype)
 
 
 class StreamingSampler:
@@ -63,7 +51,7 @@ class StreamingSampler:
             text_kv = model.text_kv(text) if isinstance(text, torch.Tensor) else text
         self.cache = StreamCache(cache_cfg, model.tokens_per_frame(self.h, self.w), (self.h, self.w), text=text_kv)
         if cache_cfg.style_anchor:
-            self._prefill_anchor(None)
+            prefill_anchor(model, self.cache, self.ref)
 
     # ---- helpers -------------------------------------------------------------------------------
     def block_frames(self, block: int) -> tuple[int, int]:
@@ -75,13 +63,6 @@ class StreamingSampler:
             return None
         a = self.audio(start, stop)
         return a.to(self.model.device, self.model.dtype)
-
-    @torch.no_grad()
-    def _prefill_anchor(self, audio: torch.Tensor | None) -> None:
-        """Style anchor: the reference frame at t=0 (zero audio unless the ablation gives it the window's)."""
-        t = torch.zeros(self.batch, 1, device=self.model.device)
-        _, kv = self.model(i2v_input(self.ref, self.ref, 0), t, audio, self.cache.text, return_kv=True, skip_head=True)
-        self.cache.anchor = kv
 
     # ---- one streaming step --------------------------------------------------------------------
     def step(self, grad: bool = False) -> dict | None:
@@ -100,7 +81,7 @@ class StreamingSampler:
         audio = self._audio(first, stop)
         if not self.cfg.zero_anchor_audio and self.cfg.style_anchor:
             # Ablation: the anchor receives the audio of the window's first latent frame.
-            self._prefill_anchor(None if audio is None else audio[:, :1])
+            prefill_anchor(model, self.cache, self.ref, None if audio is None else audio[:, :1])
 
         x0 = {}
         for n in range(sch.N):
@@ -123,25 +104,9 @@ class StreamingSampler:
             blk = step.emits
             emitted = (blk, x0[blk])
             del self.window[blk]
-            self._write_temporal(blk, x0[blk].detach(), audio[:, :B] if audio is not None else None)
+            write_temporal(model, self.cache, sch, self.ref, blk, x0[blk].detach(),
+                           audio[:, :B] if audio is not None else None, self.noise)
         return {"step": step, "x0": x0, "emitted": emitted}
-
-    @torch.no_grad()
-    def _write_temporal(self, block: int, clean: torch.Tensor, audio: torch.Tensor | None) -> None:
-        """Clean re-run of the emitted block: its K/V become the temporal anchor."""
-        if not self.cfg.temporal_anchor or self.cfg.temporal_frames <= 0:
-            self.cache.next_frame += clean.shape[2]
-            return
-        first, _ = self.block_frames(block)
-        tc = float(self.cfg.context_noise)
-        x = clean
-        if tc > 0:
-            x = add_noise(clean, self.noise(block, -1, clean.shape), tc / self.schedule.noise.num_train_timesteps)
-        t = torch.full((self.batch, clean.shape[2]), tc, device=self.model.device)
-        with self.cache.clean_rerun():
-            _, kv = self.model(i2v_input(x, self.ref, first), t, audio, cache=self.cache, return_kv=True,
-                               skip_head=True)
-        self.cache.push_temporal(kv)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (block, x0 [B, 16, B, h, w]) for every emitted block, in order."""

@@ -33,7 +33,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-from avatarforcing.attention import CacheConfig, RotaryEmbedding  # noqa: E402
+from avatarforcing.attention import RotaryEmbedding  # noqa: E402
+
+from avatarforcing.stream_state import CacheConfig  # noqa: E402
 from avatarforcing.lowvram import LOW_VRAM_FFN_CHUNK, apply_memory_options  # noqa: E402
 from avatarforcing.memtrace import GiB, MemoryTracer, measure_stream, tensor_bytes  # noqa: E402
 from avatarforcing.model import PRESETS, WanDiT  # noqa: E402

@@ -17,7 +17,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from avatarforcing.attention import CacheConfig  # noqa: E402
+from avatarforcing.stream_state import CacheConfig, write_temporal  # noqa: E402
 from avatarforcing.model import PRESETS, DiTConfig, build_model, i2v_input  # noqa: E402
 from avatarforcing.sampler import StreamingSampler  # noqa: E402
 from avatarforcing.schedule import WindowSchedule  # noqa: E402
@@ -72,7 +72,8 @@ def measure_tiny(repeats: int, positions=(1, 101, 10_001), latent_hw=(8, 8)) -> 
         smp = StreamingSampler(model, sch, CacheConfig(), ref, text)
         smp.cache.next_frame = pos
         with torch.no_grad():
-            smp._write_temporal(0, torch.randn(1, 16, 4, h, w), None)   # a full temporal cache
+            write_temporal(model, smp.cache, smp.schedule, smp.ref, 0, torch.randn(1, 16, 4, h, w), None,
+                           smp.noise)   # a full temporal cache
             x = i2v_input(torch.randn(1, 16, 16, h, w), ref, pos + 4)
             t = torch.tensor([[555.56] * 4 + [769.23] * 4 + [952.38] * 4 + [1000.0] * 4])
             for _ in range(3):

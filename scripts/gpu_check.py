@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from avatarforcing import AvatarForcingError  # noqa: E402
-from avatarforcing.attention import CacheConfig  # noqa: E402
+from avatarforcing.stream_state import CacheConfig  # noqa: E402
 from avatarforcing.model import PRESETS, DiTConfig, WanDiT  # noqa: E402
 from avatarforcing.pipeline import AvatarPipeline, resolve_device  # noqa: E402
 from avatarforcing.schedule import WindowSchedule  # noqa: E402

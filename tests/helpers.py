@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig
 from avatarforcing.model import PRESETS, DiTConfig, WanDiT
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from avatarforcing.attention import CacheConfig, frame_mask
+from avatarforcing.attention import frame_mask
+
+from avatarforcing.stream_state import CacheConfig
 from avatarforcing.model import i2v_input
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig
 from avatarforcing.audio import (AudioFeed, BatchAudio, LookaheadRows, MelFeatures, OfflineRows, Wav2Vec2Features,
                                  latent_audio)
 from avatarforcing.media import load_audio, write_wav

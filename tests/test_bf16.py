@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig, NoiseSource
 from avatarforcing.config import load_config
 from avatarforcing.media import load_audio
 from avatarforcing.model import DiTConfig, WanDiT, i2v_input
 from avatarforcing.pipeline import AvatarPipeline, resolve_device, resolve_dtype
-from avatarforcing.sampler import NoiseSource, StreamingSampler
+from avatarforcing.sampler import StreamingSampler
 from avatarforcing.schedule import WindowSchedule
 
 from helpers import schedule_cfg

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.sampler import NoiseSource, StreamingSampler
+from avatarforcing.sampler import StreamingSampler
+from avatarforcing.stream_state import NoiseSource
 from avatarforcing.schedule import WindowSchedule
 from helpers import cache_cfg, random_tiny_model, schedule_cfg
 

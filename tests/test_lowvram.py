@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig
 from avatarforcing.audio import Wav2Vec2Features
 from avatarforcing.config import load_config
 from avatarforcing.lowvram import LOW_VRAM_FFN_CHUNK, MemoryOptions, apply_memory_options, offload_model, quantize_fp8

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig
 from avatarforcing.audio import Wav2Vec2Features
 from avatarforcing.memtrace import MemoryTracer, measure_stream, tensor_bytes
 from avatarforcing.sampler import StreamingSampler

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from avatarforcing.attention import KV, block_causal_groups, frame_mask
+from avatarforcing.stream_state import prefill_anchor, write_temporal
 from avatarforcing.model import i2v_input
 from avatarforcing.sampler import StreamingSampler
 from avatarforcing.schedule import WindowSchedule, add_noise
@@ -48,14 +49,14 @@ def test_cached_window_equals_masked_full_forward(case):
         t = torch.tensor([[555.0] * Bf + [769.0] * Bf + [1000.0] * Bf])
         first = 1 + k * Bf
         if not cfg.zero_anchor_audio:
-            smp._prefill_anchor(audio[:, first:first + 1])
+            prefill_anchor(model, smp.cache, smp.ref, audio[:, first:first + 1])
         with torch.no_grad():
             cached = model(i2v_input(window, ref, first), t, audio[:, first:first + 3 * Bf], cache=smp.cache)
             full = full_window_forward(model, ref, text, clean_blocks, window, t, audio, cfg, Bf)
         torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
         # emit a clean block: the sampler's clean re-run writes the temporal cache
         clean = torch.randn(1, 16, Bf, H, W, generator=g)
-        smp._write_temporal(k, clean, audio[:, first:first + Bf])
+        write_temporal(model, smp.cache, sch, smp.ref, k, clean, audio[:, first:first + Bf], smp.noise)
         if cfg.context_noise:   # the re-run saw the block noised to context_noise with the stream's noise
             clean = add_noise(clean, smp.noise(k, -1, clean.shape), cfg.context_noise / 1000)
         clean_blocks.append(clean)
@@ -75,7 +76,7 @@ def test_relative_positions_make_streams_unbounded():
     for start in (1, 21, 5001):
         smp = StreamingSampler(model, sch, cache_cfg(), ref, text)
         smp.cache.next_frame = start - 2          # pretend the stream has already emitted start-3 frames
-        smp._write_temporal(0, clean, None)
+        write_temporal(model, smp.cache, sch, smp.ref, 0, clean, None, smp.noise)
         with torch.no_grad():
             outs[start] = model(i2v_input(window, ref, start), t, None, cache=smp.cache)
     torch.testing.assert_close(outs[1], outs[21])

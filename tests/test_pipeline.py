@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig
 from avatarforcing.audio import MelFeatures, latent_audio
 from avatarforcing.audio import AudioFeed
 from avatarforcing.pipeline import AvatarPipeline, blocks_for_latent_frames

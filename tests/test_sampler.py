@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from avatarforcing.sampler import NoiseSource, StreamingSampler
+from avatarforcing.sampler import StreamingSampler
+
+from avatarforcing.stream_state import NoiseSource
 from avatarforcing.schedule import WindowSchedule, add_noise, flow_to_x0
 from helpers import cache_cfg, random_tiny_model, schedule_cfg
 from oracle import full_window_forward
@@ -11,10 +13,14 @@ H = W = 4
 
 
 def reference_algorithm1(model, sch, cfg, ref, text, audio, noise, n_blocks):
-    """Algorithm 1 written plainly: every window is recomputed from the full history with a mask."""
+    """Algorithm 1 written plainly: every window is recomputed from the full history with a mask.
+
+    The context of later windows is the emitted blocks as the clean re-run sees them: noised to
+    sigma = context_noise / 1000 with the stream's noise at level -1 when context_noise > 0."""
     B, L, N = sch.B, sch.L, sch.N
     x = {}                       # block -> current noisy latent
     emitted = []                 # clean x0 of emitted blocks, in order
+    context = []                 # what the re-run of each emitted block sees
     for i in range(n_blocks + L - 1):
         active = [b for b in range(n_blocks) if b <= i < b + L]
         for b in active:
@@ -26,21 +32,24 @@ def reference_algorithm1(model, sch, cfg, ref, text, audio, noise, n_blocks):
             t = torch.tensor([[sch.timesteps[l] for l in levels for _ in range(B)]])
             s = torch.tensor([[sch.sigmas[l] for l in levels for _ in range(B)]])
             with torch.no_grad():
-                v = full_window_forward(model, ref, text, emitted, xw, t, audio, cfg, B)
+                v = full_window_forward(model, ref, text, context, xw, t, audio, cfg, B)
             x0 = flow_to_x0(xw, v, s)
             for j, (b, l) in enumerate(zip(active, levels)):
                 blk = x0[:, :, j * B:(j + 1) * B]
                 if l == L * N - 1:
                     emitted.append(blk)
+                    tc = float(cfg.context_noise)
+                    context.append(add_noise(blk, noise(b, -1, blk.shape), tc / 1000) if tc > 0 else blk)
                 else:
                     x[b] = add_noise(blk, noise(b, l + 1, blk.shape), sch.sigmas[l + 1])
     return emitted
 
 
-@pytest.mark.parametrize("L,N,B,T,n_blocks,rerun_anchor", [(4, 1, 2, 2, 6, "window"), (2, 2, 1, 3, 5, "window"),
-                                                         (3, 1, 2, 2, 2, "window"), (1, 1, 2, 2, 3, "window"),
-                                                         (4, 1, 2, 2, 6, "absolute"), (2, 2, 1, 3, 5, "absolute")])
-def test_sampler_equals_reference_algorithm(L, N, B, T, n_blocks, rerun_anchor):
+@pytest.mark.parametrize("L,N,B,T,n_blocks,rerun_anchor,context_noise", [
+    (4, 1, 2, 2, 6, "window", 0), (2, 2, 1, 3, 5, "window", 0), (3, 1, 2, 2, 2, "window", 0),
+    (1, 1, 2, 2, 3, "window", 0), (4, 1, 2, 2, 6, "absolute", 0), (2, 2, 1, 3, 5, "absolute", 0),
+    (4, 1, 2, 2, 6, "window", 150.0), (2, 2, 1, 3, 5, "window", 150.0), (2, 4, 2, 1, 4, "absolute", 400.0)])
+def test_sampler_equals_reference_algorithm(L, N, B, T, n_blocks, rerun_anchor, context_noise):
     model = random_tiny_model(1)
     g = torch.Generator().manual_seed(3)
     ref = torch.randn(1, 16, 1, H, W, generator=g)
@@ -48,7 +57,7 @@ def test_sampler_equals_reference_algorithm(L, N, B, T, n_blocks, rerun_anchor):
     audio = torch.randn(1, 1 + n_blocks * B, model.cfg.audio_dim, generator=g)
     steps = None if (L, N) != (4, 1) else [1000, 800, 400, 200]
     sch = WindowSchedule.from_config(schedule_cfg(steps=steps, window_blocks=L, passes=N, block_frames=B))
-    cfg = cache_cfg(temporal_frames=T, rerun_anchor=rerun_anchor)
+    cfg = cache_cfg(temporal_frames=T, rerun_anchor=rerun_anchor, context_noise=context_noise)
     smp = StreamingSampler(model, sch, cfg, ref, text, audio=lambda a, b: audio[:, a:b], noise=NoiseSource(7),
                            num_blocks=n_blocks)
     with torch.no_grad():

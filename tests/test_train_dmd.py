@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig, NoiseSource
 from avatarforcing.config import load_config
 from avatarforcing.model import PRESETS
-from avatarforcing.sampler import NoiseSource
 from avatarforcing.schedule import WindowSchedule
 from avatarforcing.train import data as D
 from avatarforcing.train.dmd import DMDStage, choose_backprop_steps, dmd_gradient, dmd_loss, rollout

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.attention import CacheConfig
+from avatarforcing.stream_state import CacheConfig, NoiseSource
 from avatarforcing.config import load_config
-from avatarforcing.sampler import NoiseSource, StreamingSampler
+from avatarforcing.sampler import StreamingSampler
 from avatarforcing.schedule import WindowSchedule
 from avatarforcing.train import data as D
 from avatarforcing.train.ode import ODEStage, backfill, backfill_grid, build_cache, window_x0
@@ -95,7 +95,8 @@ def test_backfill_cli_and_ode_refuses_a_store_for_other_timesteps(world, tmp_pat
 
 
 def test_ode_context_reproduces_the_streaming_sampler_exactly():
-    """Window x0 with build_cache (clean history = the sampler's emitted blocks) equals StreamingSampler's."""
+    """Window x0 with build_cache (clean history = the sampler's emitted blocks) equals StreamingSampler's,
+    also with a noisy context (context_noise > 0: both draw the re-run noise from the stream's NoiseSource)."""
     cfg = load_config("configs/train_ode_tiny.yaml")
     torch.manual_seed(0)
     model = random_dit(cfg, 3, head_std=0.1).eval()
@@ -105,7 +106,8 @@ def test_ode_context_reproduces_the_streaming_sampler_exactly():
     ref = torch.randn(1, 16, 1, 4, 4, generator=g)
     audio = torch.randn(1, 1 + nb * B, 256, generator=g)
     text = torch.randn(1, 8, 32, generator=g)
-    for cache_kw in (dict(), dict(rope_reindex=False, zero_anchor_audio=False, context_noise=0)):
+    for cache_kw in (dict(), dict(rope_reindex=False, zero_anchor_audio=False, context_noise=0),
+                     dict(context_noise=200.0), dict(context_noise=120.0, rerun_anchor="absolute")):
         cc = CacheConfig(**{**CacheConfig.from_config(cfg.cache).__dict__, **cache_kw})
         noise = NoiseSource(5)
         sampler = StreamingSampler(model, sch, cc, ref, text, audio=lambda s, e: audio[:, s:e], noise=noise, num_blocks=nb)
@@ -118,7 +120,8 @@ def test_ode_context_reproduces_the_streaming_sampler_exactly():
             t = torch.tensor([[sch.timesteps[l] for l in lv for _ in range(B)]])
             sigma = torch.tensor([[sch.sigmas[l] for l in lv for _ in range(B)]])
             with torch.no_grad():
-                cache = build_cache(model, cc, sch, ref, text, clean, audio, step.blocks[0], context_blocks=nb)
+                cache = build_cache(model, cc, sch, ref, text, clean, audio, step.blocks[0], context_blocks=nb,
+                                    noise=noise)   # the stream's noise: the re-runs see the same noisy context
                 mine = window_x0(model, cache, sch, step, x, t, sigma, ref, audio, text)
                 out = sampler.step()
             theirs = torch.cat([out["x0"][b] for b in step.blocks], 2)

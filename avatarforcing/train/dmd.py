@@ -27,8 +27,8 @@ import hashlib
 import torch
 
 from .. import AvatarForcingError
-from ..attention import CacheConfig
-from ..sampler import NoiseSource, StreamingSampler
+from ..stream_state import CacheConfig, NoiseSource
+from ..sampler import StreamingSampler
 from ..schedule import NoiseSchedule, WindowSchedule, flow_to_x0
 from . import data as D
 from .teacher import clip_flow, flow_matching_loss, guidance_passes, guidance_text, noised_clip, teacher_x0

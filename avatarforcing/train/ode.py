@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import AvatarForcingError
-from ..attention import CacheConfig, StreamCache
 from ..model import i2v_input
-from ..schedule import StreamStep, WindowSchedule, add_noise, flow_to_x0
+from ..schedule import StreamStep, WindowSchedule, flow_to_x0
+from ..stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
 from . import data as D
 from .teacher import euler_sample, guidance_passes, guidance_text, sigma_grid
 
@@ -157,42 +157,31 @@ def _audio_slice(audio, start, stop):
 @torch.no_grad()
 def build_cache(model, cache_cfg: CacheConfig, schedule: WindowSchedule, ref: torch.Tensor, text, clean: torch.Tensor,
                 audio: torch.Tensor | None, first_block: int, context_blocks: int,
-                noise_gen: torch.Generator | None = None) -> StreamCache:
+                noise: NoiseSource | None = None) -> StreamCache:
     """The inference cache before the step whose oldest block is ``first_block``, from a clean history.
 
-    ``clean`` [B, C, F, h, w] holds the emitted blocks (absolute frames).  ``text`` is passed to every forward."""
+    ``clean`` [B, C, F, h, w] holds the emitted blocks (absolute frames); ``text`` is passed to every forward;
+    ``noise`` noises the re-runs when ``context_noise`` > 0 (level -1 of the block, as at inference).  The
+    anchor prefill and the clean re-runs are the sampler's own (avatarforcing/stream_state.py)."""
     B = schedule.B
     h, w = ref.shape[-2:]
     cache = StreamCache(cache_cfg, model.tokens_per_frame(h, w), (h, w), text=None)
     temporal = cache_cfg.temporal_anchor and cache_cfg.temporal_frames > 0
     start = max(0, first_block - int(context_blocks)) if temporal else first_block
     cache.next_frame = block_frames(start, B)[0]
-    batch = ref.shape[0]
-
-    def prefill(a):
-        t0 = torch.zeros(batch, 1, device=ref.device)
-        _, kv = model(i2v_input(ref, ref, 0), t0, a, text, return_kv=True, skip_head=True)
-        cache.anchor = kv
+    noise = noise or NoiseSource(0, ref.device)
+    anchor_audio = not cache_cfg.zero_anchor_audio      # ablation: the anchor takes the window's first frame
 
     if cache_cfg.style_anchor:
-        prefill(None)
+        prefill_anchor(model, cache, ref, None, text)
     for b in range(start, first_block):
         f0, f1 = block_frames(b, B)
-        if cache_cfg.style_anchor and not cache_cfg.zero_anchor_audio:
-            prefill(_audio_slice(audio, f0, f0 + 1))
-        x = clean[:, :, f0:f1]
-        tc = float(cache_cfg.context_noise)
-        if tc > 0:
-            eps = torch.randn(x.shape, generator=noise_gen).to(x)
-            x = add_noise(x, eps, tc / schedule.noise.num_train_timesteps)
-        t = torch.full((batch, B), tc, device=ref.device)
-        with cache.clean_rerun():
-            _, kv = model(i2v_input(x, ref, f0), t, _audio_slice(audio, f0, f1), text, cache=cache,
-                          return_kv=True, skip_head=True)
-        cache.push_temporal(kv)
-    if cache_cfg.style_anchor and not cache_cfg.zero_anchor_audio:
+        if cache_cfg.style_anchor and anchor_audio:
+            prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1), text)
+        write_temporal(model, cache, schedule, ref, b, clean[:, :, f0:f1], _audio_slice(audio, f0, f1), noise, text)
+    if cache_cfg.style_anchor and anchor_audio:
         f0 = block_frames(first_block, B)[0]
-        prefill(_audio_slice(audio, f0, f0 + 1))
+        prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1), text)
     return cache
 
 
@@ -260,14 +249,15 @@ class ODEStage:
     def data_states(self):
         return {"data": self.data}
 
-    def loss(self, batch, step: StreamStep, pass_index: int, noise_gen=None) -> torch.Tensor:
+    def loss(self, batch, step: StreamStep, pass_index: int, noise_gen: torch.Generator | None = None) -> torch.Tensor:
         dev, model = self.tr.device, self.role.model
         traj, clean = batch["trajectory"].to(dev), batch["clean"].to(dev)
         ref, audio, text = batch["ref"].to(dev), batch["audio"].to(dev), batch["text"].to(dev)
         first = step.blocks[0]
         with self.tr.autocast():
+            seed = 0 if noise_gen is None else int(torch.randint(2 ** 62, (1,), generator=noise_gen))
             cache = build_cache(model, self.cache_cfg, self.schedule, ref, text, clean, audio, first,
-                                int(self.cfg.ode.context_blocks), noise_gen)
+                                int(self.cfg.ode.context_blocks), NoiseSource(seed, dev))
             x, t, sigma = window_inputs(self.schedule, step, pass_index, traj)
             x0 = window_x0(model, cache, self.schedule, step, x, t, sigma, ref, audio, text)
         f0 = block_frames(step.blocks[0], self.schedule.B)[0]
