@@ -37,10 +37,10 @@ from torch import nn
 
 from . import AvatarForcingError
 from .profiling import NullProfiler
+from .units import LATENT_STRIDE, video_frames
 
 SAMPLE_RATE = 16000
 FPS = 25
-LATENT_STRIDE = 4          # video frames per latent frame (Wan VAE temporal compression)
 
 
 def _as_wav(wav) -> torch.Tensor:
@@ -576,13 +576,8 @@ def latent_audio(frame_feats: torch.Tensor, num_latent_frames: int) -> torch.Ten
         raise AvatarForcingError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
     x = frame_feats[None] if frame_feats.ndim == 2 else frame_feats  # [B, T, D]
     b, t, d = x.shape
-    need = 1 + 4 * (num_latent_frames - 1)
+    need = video_frames(num_latent_frames)
     x = F.pad(x[:, :need], (0, 0, 0, max(0, need - t)))                # [B, need, D]
-    x = x[:, 1:].reshape(b, num_latent_frames - 1, 4 * d)              # [B, F-1, 4D]
-    x = torch.cat([x.new_zeros(b, 1, 4 * d), x], dim=1)                # [B, F, 4D]
+    x = x[:, 1:].reshape(b, num_latent_frames - 1, LATENT_STRIDE * d)  # [B, F-1, 4D]
+    x = torch.cat([x.new_zeros(b, 1, LATENT_STRIDE * d), x], dim=1)    # [B, F, 4D]
     return x[0] if frame_feats.ndim == 2 else x
-
-
-def video_frames_for_latent(k: int) -> range:
-    """Video frames decoded from latent frame k: range(0, 1) for k = 0, else range(4k-3, 4k+1)."""
-    return range(0, 1) if k == 0 else range(4 * k - 3, 4 * k + 1)

@@ -1,7 +1,9 @@
 """Experiment configuration: one YAML per experiment merged over ``configs/default.yaml``.
 
 Every value can be overridden from the command line as ``key=value`` (dotted keys).
-Unknown keys are errors, in the YAML file and on the command line alike.
+Unknown keys are errors, in the YAML file and on the command line alike, and so are values of the wrong
+type (checked before anything loads, see :data:`_TYPES`): a key's type is that of its default in
+``configs/default.yaml`` (an int is accepted for a float) or, for keys whose default is null, the table's.
 
 Configs written for the reference release (``configs/avatarforcing.yaml`` with keys such as
 ``model_kwargs.model_init_kwargs.*``, ``denoise_steps``, ``num_frame_per_block``,

@@ -39,6 +39,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .units import LATENT_STRIDE
+
 GiB = 2 ** 30
 MiB = 2 ** 20
 
@@ -363,7 +365,7 @@ def measure_stream(model, vae, audio_encoder, schedule, cache_cfg, *, height: in
     vdev = vae.device
     sr = audio_encoder.sample_rate
     # a live stream re-encodes, each step, left context + the window's audio + the look-ahead (audio.LookaheadRows)
-    window_s = (audio_encoder.left_context_seconds + schedule.L * schedule.B * 4 / audio_encoder.fps
+    window_s = (audio_encoder.left_context_seconds + schedule.L * schedule.B * LATENT_STRIDE / audio_encoder.fps
                 + audio_encoder.lookahead_seconds)
     steps, steady, prev = [], False, None
     max_steps = max_steps or schedule.L + 4

@@ -40,12 +40,13 @@ import numpy as np
 import torch
 
 from . import AvatarForcingError
-from .audio import LATENT_STRIDE, AudioFeed, BatchAudio
+from .audio import AudioFeed, BatchAudio
 from .model import WanDiT, build_model
 from .profiling import NullProfiler
 from .sampler import StreamingSampler
 from .schedule import StreamStep, WindowSchedule
 from .stream_state import CacheConfig, NoiseSource
+from .units import LATENT_STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class AvatarPipeline:
         if self.model.cfg.audio_dim != LATENT_STRIDE * feat:
             raise AvatarForcingError(
                 f"model.audio_dim is {self.model.cfg.audio_dim} but the audio encoder gives {feat} features per video "
-                f"frame (4 x {feat} = {LATENT_STRIDE * feat} per latent frame); set model.audio_dim={LATENT_STRIDE * feat} "
+                f"frame ({LATENT_STRIDE} x {feat} = {LATENT_STRIDE * feat} per latent frame); set model.audio_dim={LATENT_STRIDE * feat} "
                 "or change audio.encoder")
         if int(self.audio_encoder.fps) != int(self.fps):
             raise AvatarForcingError(f"inference.fps is {self.fps} but the audio encoder runs at {self.audio_encoder.fps} "

@@ -14,7 +14,7 @@ Per-step compute and memory depend only on B, L, N and the cache budget, never o
 The same object is used by the DMD rollout (``grad=True`` on the steps that backpropagate).
 
 Latent frame indices are absolute: frame 0 is the reference, block b covers 1+bB .. (b+1)B.
-Audio is pulled from a callable ``audio(start, stop) -> [B, stop-start, audio_dim]`` (None = zeros)
+Audio is pulled from a callable ``audio(start, stop) -> [batch, stop-start, audio_dim]`` (None = zeros)
 so a live source can block until the window's audio has arrived.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from .model import WanDiT, i2v_input
 from .schedule import StreamStep, WindowSchedule, add_noise, flow_to_x0
 from .stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
+from .units import block_latent_frames
 
 AudioSource = Callable[[int, int], torch.Tensor]
 
@@ -36,7 +37,7 @@ class StreamingSampler:
     def __init__(self, model: WanDiT, schedule: WindowSchedule, cache_cfg: CacheConfig, ref_latent: torch.Tensor,
                  text: torch.Tensor | list, audio: AudioSource | None = None, noise: NoiseSource | None = None,
                  num_blocks: int | None = None, plan: Iterator[StreamStep] | None = None):
-        """ref_latent [B, 16, 1, h, w]; text: prompt embeddings [B, L, text_dim] or ``model.text_kv`` output.
+        """ref_latent [batch, z, 1, h, w]; text: prompt embeddings [batch, L, text_dim] or ``model.text_kv`` output.
 
         ``plan`` replaces ``schedule.plan(num_blocks)``, e.g. a live stream that drains once its audio ends."""
         self.model, self.schedule, self.cfg = model, schedule, cache_cfg
@@ -46,7 +47,7 @@ class StreamingSampler:
         self.noise = noise or NoiseSource(0, model.device, model.dtype)
         self.num_blocks = num_blocks
         self.plan: Iterator[StreamStep] = plan if plan is not None else schedule.plan(num_blocks)
-        self.window: dict[int, torch.Tensor] = {}      # block -> current noisy latent [B, 16, B, h, w]
+        self.window: dict[int, torch.Tensor] = {}      # block -> current noisy latent [batch, z, B, h, w]
         with torch.no_grad():
             text_kv = model.text_kv(text) if isinstance(text, torch.Tensor) else text
         self.cache = StreamCache(cache_cfg, model.tokens_per_frame(self.h, self.w), (self.h, self.w), text=text_kv)
@@ -54,10 +55,6 @@ class StreamingSampler:
             prefill_anchor(model, self.cache, self.ref)
 
     # ---- helpers -------------------------------------------------------------------------------
-    def block_frames(self, block: int) -> tuple[int, int]:
-        B = self.schedule.B
-        return 1 + block * B, 1 + (block + 1) * B
-
     def _audio(self, start: int, stop: int) -> torch.Tensor | None:
         if self.audio is None:
             return None
@@ -76,8 +73,8 @@ class StreamingSampler:
         for blk, age in zip(step.blocks, step.ages):
             if age == 0:
                 self.window[blk] = self.noise(blk, 0, (self.batch, self.channels, B, self.h, self.w))
-        first, _ = self.block_frames(step.blocks[0])
-        _, stop = self.block_frames(step.blocks[-1])
+        first, _ = block_latent_frames(step.blocks[0], B)
+        _, stop = block_latent_frames(step.blocks[-1], B)
         audio = self._audio(first, stop)
         if not self.cfg.zero_anchor_audio and self.cfg.style_anchor:
             # Ablation: the anchor receives the audio of the window's first latent frame.
@@ -109,7 +106,7 @@ class StreamingSampler:
         return {"step": step, "x0": x0, "emitted": emitted}
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (block, x0 [B, 16, B, h, w]) for every emitted block, in order."""
+        """Yield (block, x0 [batch, z, B, h, w]) for every emitted block, in order (B = block_frames)."""
         while True:
             out = self.step()
             if out is None:

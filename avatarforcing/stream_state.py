@@ -191,7 +191,7 @@ class NoiseSource:
 @torch.no_grad()
 def prefill_anchor(model: WanDiT, cache: StreamCache, ref: torch.Tensor, audio: torch.Tensor | None = None,
                    text=None) -> None:
-    """Style anchor: the reference frame [B, z, 1, h, w] at t = 0, with zero audio (``audio`` only for the
+    """Style anchor: the reference frame [batch, z, 1, h, w] at t = 0, with zero audio (``audio`` only for the
     anchor-audio ablation); ``text`` defaults to the cache's prompt K/V."""
     t = torch.zeros(ref.shape[0], 1, device=model.device)
     _, kv = model(i2v_input(ref, ref, 0), t, audio, cache.text if text is None else text, return_kv=True,
@@ -202,15 +202,15 @@ def prefill_anchor(model: WanDiT, cache: StreamCache, ref: torch.Tensor, audio: 
 @torch.no_grad()
 def write_temporal(model: WanDiT, cache: StreamCache, schedule: WindowSchedule, ref: torch.Tensor, block: int,
                    clean: torch.Tensor, audio: torch.Tensor | None, noise: NoiseSource, text=None) -> None:
-    """Clean re-run of emitted block ``block`` (x0 [B, z, B_frames, h, w], its first latent frame is
+    """Clean re-run of emitted block ``block`` (x0 [batch, z, block_frames, h, w], its first latent frame is
     ``cache.next_frame``) at t = ``context_noise``; its K/V become the newest temporal frames."""
     if not cache.cfg.temporal_anchor or cache.cfg.temporal_frames <= 0:
         cache.next_frame += clean.shape[2]
         return
     tc = float(cache.cfg.context_noise)
     x = clean
-    if tc > 0:      # timesteps are 1000 * sigma (the shift is applied when the levels are chosen)
-        x = add_noise(clean, noise(block, -1, clean.shape), tc / schedule.noise.num_train_timesteps)
+    if tc > 0:
+        x = add_noise(clean, noise(block, -1, clean.shape), float(schedule.noise.sigma(tc)))
     t = torch.full((clean.shape[0], clean.shape[2]), tc, device=model.device)
     with cache.clean_rerun():
         _, kv = model(i2v_input(x, ref, cache.next_frame), t, audio, cache.text if text is None else text,

@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from avatarforcing.audio import (LATENT_STRIDE, AudioFeed, MelFeatures, Wav2Vec2Features,  # noqa: E402
+from avatarforcing.audio import (AudioFeed, MelFeatures, Wav2Vec2Features,  # noqa: E402
                                  latent_audio)
+from avatarforcing.units import LATENT_STRIDE  # noqa: E402
 from avatarforcing.schedule import WindowSchedule  # noqa: E402
 from avatarforcing.world.speech import synth_speech  # noqa: E402
 

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.audio import (AudioFeatureExtractor, MelFeatures, Wav2Vec2Features, build_audio_encoder,
-                                 latent_audio, tiny_wav2vec2_config, video_frames_for_latent)
+                                 latent_audio, tiny_wav2vec2_config)
+from avatarforcing.units import video_frames_of_latent as video_frames_for_latent
 from avatarforcing.media import load_audio
 
 

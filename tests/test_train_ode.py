@@ -61,7 +61,7 @@ def test_stored_states_lie_on_the_teacher_trajectory(world):
     s = D.read_sample(path)
     from avatarforcing.checkpoint import load_dit
     from avatarforcing.model import build_model
-    from avatarforcing.train.ode import _seed_of
+    from avatarforcing.units import stable_seed as _seed_of
     teacher = build_model(cfg.model).eval()
     load_dit(teacher, world / "teacher.pt")
     g = torch.Generator().manual_seed(_seed_of(0, path.stem))

@@ -22,7 +22,6 @@ Critic (fake score): initialised from the teacher, trained by flow matching on n
 """
 from __future__ import annotations
 
-import hashlib
 
 import torch
 
@@ -30,6 +29,7 @@ from .. import AvatarForcingError
 from ..stream_state import CacheConfig, NoiseSource
 from ..sampler import StreamingSampler
 from ..schedule import NoiseSchedule, WindowSchedule, flow_to_x0
+from ..units import stable_seed
 from . import data as D
 from .teacher import clip_flow, flow_matching_loss, guidance_passes, guidance_text, noised_clip, teacher_x0
 from .trainer import build_dit, full_params, param_digest
@@ -81,10 +81,6 @@ def rollout(model, schedule: WindowSchedule, cache_cfg: CacheConfig, ref: torch.
             blocks[blk] = x0
         i += 1
     return torch.cat([ref.to(blocks[0].dtype)] + [blocks[b] for b in range(num_blocks)], dim=2)
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") % (2 ** 62)
 
 
 class DMDStage:
@@ -143,7 +139,7 @@ class DMDStage:
     def generate(self, batch, step: int, micro: int, salt: str, grad_steps=()) -> torch.Tensor:
         dev = self.tr.device
         ref, audio, text = batch["ref"].to(dev), batch["audio"].to(dev), batch["text"].to(dev)
-        noise = NoiseSource(_seed(self.cfg.seed, step, micro, salt, self.tr.rank), dev)
+        noise = NoiseSource(stable_seed(self.cfg.seed, step, micro, salt, self.tr.rank, bits=62), dev)
         with self.tr.autocast():
             kv = self.text_kv(self.gen, text)
             return rollout(self.gen.model, self.schedule, self.cache_cfg, ref, kv, audio, self.num_blocks(batch),

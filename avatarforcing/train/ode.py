@@ -21,7 +21,6 @@ The window forward then attends to [anchor | temporal | window] with window-rela
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .. import AvatarForcingError
 from ..model import i2v_input
 from ..schedule import StreamStep, WindowSchedule, flow_to_x0
 from ..stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
+from ..units import block_latent_frames, stable_seed
 from . import data as D
 from .teacher import euler_sample, guidance_passes, guidance_text, sigma_grid
 
@@ -50,10 +50,6 @@ def backfill_grid(cfg) -> tuple[list[float], list[float]]:
     shift = float(cfg.ode.teacher_shift if cfg.ode.teacher_shift is not None else cfg.schedule.shift)
     grid = sigma_grid(int(cfg.ode.teacher_steps), shift, sch.sigmas)
     return grid, list(sch.sigmas)
-
-
-def _seed_of(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") % (2 ** 63)
 
 
 def backfill(cfg, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
@@ -111,7 +107,7 @@ def backfill(cfg, rank: int = 0, world: int = 1, device=None, progress: bool = T
         ref = s["ref"].float()[None].to(device)
         audio = s["audio"].float()[None].to(device)
         text = D.pad_text(s["text"].float(), int(cfg.model.text_len))[None].to(device)
-        g = torch.Generator().manual_seed(_seed_of(int(cfg.seed), sample_id))
+        g = torch.Generator().manual_seed(stable_seed(int(cfg.seed), sample_id))
         noise = torch.randn((1,) + tuple(lat.shape), generator=g).to(device)
         with torch.no_grad():
             text_kv = teacher.text_kv(guidance_text(text, null["negative"].to(device), passes))
@@ -123,18 +119,13 @@ def backfill(cfg, rank: int = 0, world: int = 1, device=None, progress: bool = T
             "clean": clean[0], "ref": s["ref"], "audio": s["audio"], "text": s["text"],
         }, metadata={"source": path.name, "caption": meta.get("caption", ""), "teacher": str(cfg.ode.teacher),
                      "sigma_grid": [round(x, 8) for x in grid], "shift": float(cfg.schedule.shift),
-                     "guidance_scale": gs, "audio_guidance_scale": ags, "noise_seed": str(_seed_of(int(cfg.seed), sample_id))},
+                     "guidance_scale": gs, "audio_guidance_scale": ags, "noise_seed": str(stable_seed(int(cfg.seed), sample_id))},
             kind="ode", dtype=store_dtype)
         stats["written"] += 1
     return stats
 
 
 # ---- regression -----------------------------------------------------------------------------------------
-
-def block_frames(block: int, B: int) -> tuple[int, int]:
-    """Absolute latent frames [start, stop) of a block (frame 0 is the reference)."""
-    return 1 + block * B, 1 + (block + 1) * B
-
 
 def choose_window(schedule: WindowSchedule, num_blocks: int, generator: torch.Generator,
                   mode: str = "plan") -> tuple[StreamStep, int]:
@@ -168,19 +159,19 @@ def build_cache(model, cache_cfg: CacheConfig, schedule: WindowSchedule, ref: to
     cache = StreamCache(cache_cfg, model.tokens_per_frame(h, w), (h, w), text=None)
     temporal = cache_cfg.temporal_anchor and cache_cfg.temporal_frames > 0
     start = max(0, first_block - int(context_blocks)) if temporal else first_block
-    cache.next_frame = block_frames(start, B)[0]
+    cache.next_frame = block_latent_frames(start, B)[0]
     noise = noise or NoiseSource(0, ref.device)
     anchor_audio = not cache_cfg.zero_anchor_audio      # ablation: the anchor takes the window's first frame
 
     if cache_cfg.style_anchor:
         prefill_anchor(model, cache, ref, None, text)
     for b in range(start, first_block):
-        f0, f1 = block_frames(b, B)
+        f0, f1 = block_latent_frames(b, B)
         if cache_cfg.style_anchor and anchor_audio:
             prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1), text)
         write_temporal(model, cache, schedule, ref, b, clean[:, :, f0:f1], _audio_slice(audio, f0, f1), noise, text)
     if cache_cfg.style_anchor and anchor_audio:
-        f0 = block_frames(first_block, B)[0]
+        f0 = block_latent_frames(first_block, B)[0]
         prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1), text)
     return cache
 
@@ -191,21 +182,20 @@ def window_inputs(schedule: WindowSchedule, step: StreamStep, pass_index: int, t
     xs, ts = [], []
     for blk, age in zip(step.blocks, step.ages):
         level = schedule.level(age, pass_index)
-        f0, f1 = block_frames(blk, B)
+        f0, f1 = block_latent_frames(blk, B)
         xs.append(trajectory[:, level, :, f0:f1])
         ts += [schedule.timesteps[level]] * B
     x = torch.cat(xs, dim=2)
     t = torch.tensor(ts, device=x.device, dtype=torch.float32)[None].expand(x.shape[0], -1)
-    sigma = torch.tensor([v / schedule.noise.num_train_timesteps for v in ts], device=x.device,
-                         dtype=torch.float32)[None].expand(x.shape[0], -1)
+    sigma = schedule.noise.sigma(ts).to(x.device, torch.float32)[None].expand(x.shape[0], -1)
     return x, t, sigma
 
 
 def window_x0(model, cache: StreamCache, schedule: WindowSchedule, step: StreamStep, x: torch.Tensor, t, sigma,
               ref, audio, text) -> torch.Tensor:
     """The student's x0 of a window (one forward with the cache), float32."""
-    f0 = block_frames(step.blocks[0], schedule.B)[0]
-    f1 = block_frames(step.blocks[-1], schedule.B)[1]
+    f0 = block_latent_frames(step.blocks[0], schedule.B)[0]
+    f1 = block_latent_frames(step.blocks[-1], schedule.B)[1]
     flow = model(i2v_input(x, ref, f0), t, _audio_slice(audio, f0, f1), text, cache=cache)
     return flow_to_x0(x.float(), flow.float(), sigma)
 
@@ -260,8 +250,8 @@ class ODEStage:
                                 int(self.cfg.ode.context_blocks), NoiseSource(seed, dev))
             x, t, sigma = window_inputs(self.schedule, step, pass_index, traj)
             x0 = window_x0(model, cache, self.schedule, step, x, t, sigma, ref, audio, text)
-        f0 = block_frames(step.blocks[0], self.schedule.B)[0]
-        f1 = block_frames(step.blocks[-1], self.schedule.B)[1]
+        f0 = block_latent_frames(step.blocks[0], self.schedule.B)[0]
+        f1 = block_latent_frames(step.blocks[-1], self.schedule.B)[1]
         return F.mse_loss(x0, clean[:, :, f0:f1].float())
 
     def num_blocks(self, batch) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import AvatarForcingError
+from ..units import LATENT_STRIDE, video_frames
 from . import data as D
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,16 @@ class Preprocessor:
                    if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device or dev)
         self.B = int(cfg.schedule.block_frames)
-        self.clip_video_frames = 1 + 4 * int(cfg.data.clip_blocks) * self.B
+        self.clip_video_frames = video_frames(1 + int(cfg.data.clip_blocks) * self.B)
         with torch.random.fork_rng():       # random inits (no vae.path, tiny wav2vec2) follow cfg.seed
             torch.manual_seed(int(cfg.seed))
             self.vae = build_vae(cfg.vae).to(self.device).eval()
             torch.manual_seed(int(cfg.seed))
             self.audio = build_audio_encoder(cfg.audio).to(self.device).eval()
-        if 4 * self.audio.feature_dim != int(cfg.model.audio_dim):
+        if LATENT_STRIDE * self.audio.feature_dim != int(cfg.model.audio_dim):
             raise AvatarForcingError(f"the audio encoder gives {self.audio.feature_dim} features per video frame -> "
-                                     f"{4 * self.audio.feature_dim} per latent frame, but model.audio_dim is "
-                                     f"{cfg.model.audio_dim}; set model.audio_dim={4 * self.audio.feature_dim}")
+                                     f"{LATENT_STRIDE * self.audio.feature_dim} per latent frame, but model.audio_dim is "
+                                     f"{cfg.model.audio_dim}; set model.audio_dim={LATENT_STRIDE * self.audio.feature_dim}")
         self.text = build_text_encoder(cfg.text, int(cfg.model.text_dim), int(cfg.model.text_len)).to(self.device)
         self.dtype = D.storage_dtype(cfg.data.dtype)
 

@@ -47,6 +47,7 @@ from omegaconf import OmegaConf
 
 from .. import AvatarForcingError
 from ..model import WanAttentionBlock, build_model
+from ..units import stable_seed
 
 log = logging.getLogger("avatarforcing.train")
 
@@ -250,9 +251,8 @@ class Trainer:
     # -- randomness ----------------------------------------------------------------------------------------
     def generator(self, step: int, micro: int = 0, salt: int = 0, per_rank: bool = True) -> torch.Generator:
         """CPU generator keyed by (seed, step, micro-step, salt[, rank]): independent of history, so resume is exact."""
-        key = f"{self.seed}/{step}/{micro}/{salt}/{self.rank if per_rank else 'all'}"
         g = torch.Generator()
-        g.manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % (2 ** 63))
+        g.manual_seed(stable_seed(self.seed, step, micro, salt, self.rank if per_rank else "all"))
         return g
 
     def autocast(self):
