@@ -42,6 +42,7 @@ class MetricBackend:
 
 _VAE: dict[str, VaeFactory] = {}
 _METRICS: dict[str, MetricBackend] = {}
+_SECTIONS: dict[str, dict[str, str]] = {}
 
 
 def register_vae(kind: str, factory: VaeFactory) -> None:
@@ -54,6 +55,24 @@ def register_metric_backend(kind: str, backend: MetricBackend) -> None:
     if not isinstance(backend, MetricBackend):
         raise AvatarForcingError(f"register_metric_backend needs a MetricBackend, got {type(backend).__name__}")
     _METRICS[str(kind)] = backend
+
+
+def register_config_section(name: str, types: dict[str, str] | None = None) -> None:
+    """Allow a top-level config section ``name:`` that only the plugin's own configs set (e.g. ``world:`` in
+    configs/world/): its keys are those of the first config layer that sets it.  ``types`` gives the type of
+    keys whose value there is null or an empty list, as in avatarforcing/config.py (e.g. ``"int|null:2"``,
+    ``"list[override]:[train.steps=2]"`` for lists of key=value overrides)."""
+    _SECTIONS[str(name)] = dict(types or {})
+
+
+def config_section_types(name: str, source: str = "the config") -> dict[str, str]:
+    """The registered section ``name`` (plugins are imported on demand); an unknown section is a one-line error."""
+    if name not in _SECTIONS and name in ENTRY_POINTS:
+        importlib.import_module(ENTRY_POINTS[name])
+    if name not in _SECTIONS:
+        raise AvatarForcingError(f"unknown config key '{name}' in {source}; see configs/default.yaml for the valid "
+                                 f"keys (plugin sections: {', '.join(sorted(_SECTIONS | dict.fromkeys(ENTRY_POINTS))) or 'none'})")
+    return _SECTIONS[name]
 
 
 def _lookup(table: dict, kind: str, what: str, key: str):

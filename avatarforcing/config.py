@@ -175,12 +175,7 @@ _TYPES = {
     "dmd.num_blocks": "int|null:5",
     "dmd.guidance_scale": "float|null:4.5",
     "dmd.audio_guidance_scale": "float|null:4.5",
-    "world.teacher_overrides": "list[str]:[train.steps=2]",
-    "world.backfill_overrides": "list[str]:[ode.teacher_steps=2]",
-    "world.ode_overrides": "list[str]:[train.steps=2]",
-    "world.dmd_overrides": "list[str]:[train.steps=2]",
 }
-_WORLD_OVERRIDE_LISTS = ("teacher_overrides", "backfill_overrides", "ode_overrides", "dmd_overrides")
 _ARTICLE = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a str", "list": "a list"}
 
 
@@ -228,6 +223,8 @@ class _Type:
         return f"{what} or null" if self.nullable else what
 
     def noun(self) -> str:
+        if self.kind == "list" and self.elem == "override":
+            return "a list of key=value overrides"
         if self.kind == "list":
             return "a list of numbers" if self.elem == "float" else f"a list of {self.elem}s"
         return _ARTICLE[self.kind]
@@ -240,7 +237,7 @@ class _Type:
             return isinstance(value, int) and not isinstance(value, bool)
         if kind == "float":
             return isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind == "str":
+        if kind in ("str", "override"):
             return isinstance(value, str)
         if kind == "list":
             return isinstance(value, (list, tuple)) and all(self.accepts(v, self.elem) for v in value)
@@ -273,6 +270,49 @@ def _schema() -> dict[str, Any]:
         walk(defaults, "")
         _SCHEMA = schema
     return _SCHEMA
+
+
+def _add_section(name: str, values: dict, types: dict[str, str]) -> None:
+    """Extend the schema with a plugin's config section (``backends.register_config_section``): the types
+    of its keys are those of ``values`` (the first config layer that sets the section), or ``types``."""
+    schema = _schema()
+    if name in schema:
+        return
+
+    def walk(node: dict, prefix: str) -> None:
+        schema[prefix[:-1]] = set(node)
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+                continue
+            rel = key.split(".", 1)[1]
+            t = _Type.parse(types[rel], v) if rel in types else _Type.of_default(v)
+            if t is None:
+                raise AvatarForcingError(f"config section '{name}': {key} has no type (null or empty value); "
+                                         "give it one in the section's register_config_section(types=...)")
+            schema[key] = t
+    walk(values, name + ".")
+
+
+def _open_plugin_sections(cfg: DictConfig, layer: DictConfig, source: str) -> tuple[DictConfig, DictConfig]:
+    """Sections a plugin registered (e.g. ``world:``, avatarforcing/world/) enter the config with the first
+    layer that sets them: that layer defines their keys; later layers and overrides are strict as usual."""
+    new = [k for k in layer.keys() if k not in cfg]
+    if not new:
+        return cfg, layer
+    from .backends import config_section_types
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    rest = OmegaConf.create(OmegaConf.to_container(layer, resolve=False))
+    for name in new:
+        types = config_section_types(str(name), source)
+        values = OmegaConf.to_container(layer[name], resolve=False)
+        if not isinstance(values, dict):
+            raise AvatarForcingError(f"config file {source}: section '{name}' must be a mapping of its keys")
+        _add_section(str(name), values, types)
+        cfg[name] = _check_value(str(name), values, None, f"config file {source}: ", ": ")
+        del rest[name]
+    return cfg, rest
 
 
 def _fmt(value: Any) -> str:
@@ -314,8 +354,8 @@ def _check_value(key: str, value: Any, raw: str | None, where: str, sep: str) ->
     if spec.kind == "str" and raw is None and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if spec.accepts(value):
-        if spec.kind == "list" and key.startswith("world.") and key.split(".", 1)[1] in _WORLD_OVERRIDE_LISTS:
-            for item in value:           # the stages' override lists: checked now, not when the stage starts
+        if spec.kind == "list" and spec.elem == "override":
+            for item in value:           # override lists (e.g. a pipeline's per-stage ones): checked now, not later
                 k, v = _parse_override(item)
                 _check_key_known(k, f"{key}")
                 _check_value(k, v, item.split("=", 1)[1], f"{where}{key}: ", "=")
@@ -354,6 +394,7 @@ def load_config(path: os.PathLike | str | None = None, overrides: Sequence[str] 
     cfg = _load_yaml(DEFAULT_CONFIG)
     if path is not None:
         for layer, src in _experiment_layers(Path(path)):
+            cfg, layer = _open_plugin_sections(cfg, layer, str(src))
             cfg = _merge_strict(cfg, _check_layer(layer, str(src)), str(src))
     return apply_overrides(cfg, overrides)
 
@@ -364,8 +405,12 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], source: str = "th
     for item in overrides:
         key, value = _parse_override(item)
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            from .backends import ENTRY_POINTS
+            section = key.split(".", 1)[0]
+            hint = (f"; {section}.* keys exist only with a {section} config, e.g. --config configs/{section}/pipeline.yaml"
+                    if section in ENTRY_POINTS and section not in cfg else "")
             raise AvatarForcingError(
-                f"unknown config key '{key}' in {source}; see configs/default.yaml for the valid keys")
+                f"unknown config key '{key}' in {source}; see configs/default.yaml for the valid keys{hint}")
         value = _check_value(key, value, item.split("=", 1)[1], "", "=")
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
     OmegaConf.set_struct(cfg, True)

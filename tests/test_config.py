@@ -128,11 +128,23 @@ def test_other_types(tmp_path):
         load_config(p)
 
 
-def test_world_override_lists_are_checked(tmp_path):
-    cfg = load_config(None, ["world.teacher_overrides=[train.steps=2,train.lr=1.0e-3]"])
+def test_world_section_lives_in_the_world_configs(repo_root):
+    """`world:` is a plugin section (avatarforcing/world registers it): configs/world/* set it, the rest lack it."""
+    assert "world" not in load_config(None) and "world" not in load_config(repo_root / "configs/tiny.yaml")
+    with pytest.raises(AvatarForcingError, match=r"unknown config key 'world.run'.*world config"):
+        load_config(repo_root / "configs/tiny.yaml", ["world.run=/tmp/x"])
+    cfg = load_config(repo_root / "configs/world/pipeline.yaml", ["world.clips=3"])
+    assert cfg.world.clips == 3 and cfg.world.run == "runs/world"
+    with pytest.raises(AvatarForcingError, match=r"world.clips=abc is not an int"):
+        load_config(repo_root / "configs/world/pipeline.yaml", ["world.clips=abc"])
+
+
+def test_world_override_lists_are_checked(tmp_path, repo_root):
+    base = repo_root / "configs/world/base.yaml"
+    cfg = load_config(base, ["world.teacher_overrides=[train.steps=2,train.lr=1.0e-3]"])
     assert list(cfg.world.teacher_overrides) == ["train.steps=2", "train.lr=1.0e-3"]
     with pytest.raises(AvatarForcingError, match=r"world.teacher_overrides: train.steps=x is not an int"):
-        load_config(None, ["world.teacher_overrides=[train.steps=x]"])
+        load_config(base, ["world.teacher_overrides=[train.steps=x]"])
     p = tmp_path / "w.yaml"
     p.write_text("world:\n  dmd_overrides:\n    - train.stepz=1\n")
     with pytest.raises(AvatarForcingError, match=r"unknown config key 'train.stepz'"):

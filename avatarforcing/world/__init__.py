@@ -4,7 +4,8 @@ Real weights and data cannot be downloaded here, so the whole method is trained 
 this world, whose ground truth (mouth opening, head pose, blinks, identity) is known exactly.
 
 Importing this package registers its backends (:mod:`avatarforcing.backends`) like any other plugin: the codec
-as ``vae.kind: world`` and the metric backend ``world`` (renderer frames / speech envelope for the metric nets).
+as ``vae.kind: world``, the metric backend ``world`` (renderer frames / speech envelope for the metric nets) and
+the config section ``world:`` (set by configs/world/base.yaml).
 The core never imports it statically; the backend registry imports it on the first lookup of kind ``world``.
 """
 from .. import backends as _backends
@@ -28,3 +29,6 @@ def _build_codec(cfg_vae):
 
 _backends.register_vae("world", _build_codec)
 _backends.register_metric_backend("world", METRIC_BACKEND)
+# the `world:` config section (its keys and defaults: configs/world/base.yaml)
+_backends.register_config_section("world", {f"{stage}_overrides": "list[override]:[train.steps=2]"
+                                            for stage in ("teacher", "backfill", "ode", "dmd")})
