@@ -30,8 +30,6 @@ import itertools
 import logging
 import math
 import os
-import shlex
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -433,65 +431,3 @@ def _as_numpy(frames) -> np.ndarray:
     if isinstance(frames, torch.Tensor):
         frames = frames.cpu().numpy()
     return np.asarray(frames, dtype=np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# command-line helpers (inference.py)
-
-
-@dataclass(frozen=True)
-class DataItem:
-    """One line of a reference-release data list: ``image audio "caption"``."""
-
-    image: Path
-    audio: Path
-    prompt: str = ""
-
-
-def read_data_list(path: str | os.PathLike) -> list[DataItem]:
-    """Parse a data list; relative paths are resolved against the list file's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise AvatarForcingError(f"data list not found: {path}; pass a text file with one 'image audio \"caption\"' per line")
-    items = []
-    for num, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            parts = shlex.split(line)
-        except ValueError as exc:
-            raise AvatarForcingError(f"{path}:{num}: cannot parse line ({exc}); use: image audio \"caption\"") from None
-        if len(parts) < 2:
-            raise AvatarForcingError(f"{path}:{num}: expected 'image audio \"caption\"', got {line.strip()!r}")
-        image, audio = (Path(p) if Path(p).is_absolute() else path.parent / p for p in parts[:2])
-        for kind, p in (("image", image), ("audio", audio)):
-            if not p.is_file():
-                raise AvatarForcingError(f"{path}:{num}: {kind} file not found: {p}")
-        items.append(DataItem(image, audio, " ".join(parts[2:])))
-    if not items:
-        raise AvatarForcingError(f"data list {path} has no entries; add lines 'image audio \"caption\"'")
-    return items
-
-
-def blocks_for_latent_frames(num_latent_frames: int, block_frames: int) -> int:
-    """Reference ``--num_output_frames`` (latent frames incl. the reference) -> blocks, rounding up with a note."""
-    n = max(1, math.ceil((num_latent_frames - 1) / block_frames))
-    if num_latent_frames - 1 != n * block_frames:
-        log.info("note: --num_output_frames %d: (n - 1) must be a multiple of B = %d; using %d latent frames "
-                 "(%d blocks)", num_latent_frames, block_frames, 1 + n * block_frames, n)
-    return n
-
-
-def check_writable(output: str | os.PathLike) -> None:
-    """Fail before any generation if ``output``'s folder cannot be written."""
-    folder = Path(output).parent
-    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise AvatarForcingError(f"cannot write to output folder {folder}: {blocker} is a file; choose another output path")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise AvatarForcingError(f"cannot write to output folder {folder} ({exc.strerror}); "
-                                 "choose a writable output path") from None

@@ -17,7 +17,8 @@ from avatarforcing import AvatarForcingError
 from avatarforcing.stream_state import CacheConfig
 from avatarforcing.audio import MelFeatures, latent_audio
 from avatarforcing.audio import AudioFeed
-from avatarforcing.pipeline import AvatarPipeline, blocks_for_latent_frames
+from avatarforcing.pipeline import AvatarPipeline
+from inference import blocks_for_latent_frames
 from avatarforcing.schedule import WindowSchedule
 from avatarforcing.text import TextEncoder
 from helpers import random_tiny_model, schedule_cfg
