@@ -6,7 +6,7 @@
 import sys
 
 from avatarforcing.train.dmd import DMDStage
-from avatarforcing.train.trainer import main
+from avatarforcing.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main(DMDStage, description=__doc__))

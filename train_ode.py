@@ -6,7 +6,7 @@
 import sys
 
 from avatarforcing.train.ode import ODEStage
-from avatarforcing.train.trainer import main
+from avatarforcing.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main(ODEStage, description=__doc__))

@@ -35,7 +35,7 @@ def _bench_stage(stage: str, steps: int, warmup: int, threads: int, queue) -> No
     from avatarforcing.train.ode import ODEStage, backfill
     from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_clip_samples
     from avatarforcing.train.teacher import TeacherStage
-    from avatarforcing.train.trainer import Trainer
+    from avatarforcing.train.loop import Trainer
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         over = [f"data.shards={tmp / 'shards'}", f"data.ode={tmp / 'ode'}", f"ode.teacher={tmp / 'teacher.pt'}",

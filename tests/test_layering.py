@@ -82,7 +82,7 @@ def _registry_table_lines() -> set[int]:
 def test_core_modules_are_found():
     names = {_module_name(p) for p in CORE}
     assert {"avatarforcing.metrics", "avatarforcing.vae", "avatarforcing.pipeline", "avatarforcing.backends",
-            "avatarforcing.train.trainer"} <= names
+            "avatarforcing.train.loop"} <= names
     assert not any(n.startswith("avatarforcing.world") for n in names)
 
 

@@ -14,13 +14,13 @@ import torch
 
 from avatarforcing.config import load_config
 from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_clip_samples
-from avatarforcing.train.trainer import complete_checkpoints
+from avatarforcing.train.checkpointing import complete_checkpoints
 
 DRIVER = """
 import sys
 from avatarforcing.config import load_config
 from avatarforcing.train.dmd import DMDStage
-from avatarforcing.train.trainer import run_stage
+from avatarforcing.train.loop import run_stage
 root = sys.argv[1]
 def cfg(out, *extra):
     return load_config("configs/train_dmd_tiny.yaml", [f"data.shards={root}/shards", f"dmd.teacher={root}/teacher.pt",

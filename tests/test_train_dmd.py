@@ -10,7 +10,7 @@ from avatarforcing.train import data as D
 from avatarforcing.train.dmd import DMDStage, choose_backprop_steps, dmd_gradient, dmd_loss, rollout
 from avatarforcing.train.memory import dmd_memory
 from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_clip_samples
-from avatarforcing.train.trainer import Trainer
+from avatarforcing.train.loop import Trainer
 
 
 def test_dmd_gradient_matches_a_direct_computation():

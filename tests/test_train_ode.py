@@ -15,7 +15,7 @@ from avatarforcing.train import data as D
 from avatarforcing.train.ode import ODEStage, backfill, backfill_grid, build_cache, window_x0
 from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_clip_samples
 from avatarforcing.train.teacher import euler_sample, guidance_text
-from avatarforcing.train.trainer import Trainer
+from avatarforcing.train.loop import Trainer
 
 
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

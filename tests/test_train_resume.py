@@ -11,7 +11,8 @@ from avatarforcing.config import load_config
 from avatarforcing.train.dmd import DMDStage
 from avatarforcing.train.synthetic import random_dit, write_checkpoint, write_clip_samples
 from avatarforcing.train.teacher import TeacherStage
-from avatarforcing.train.trainer import complete_checkpoints, run_stage
+from avatarforcing.train.checkpointing import complete_checkpoints
+from avatarforcing.train.loop import run_stage
 
 
 def assert_same(a, b, path="state"):

@@ -8,7 +8,7 @@ from avatarforcing.model import build_model
 from avatarforcing.train import data as D
 from avatarforcing.train.synthetic import random_dit, write_clip_samples
 from avatarforcing.train.teacher import TeacherStage, guidance_text, guided_flow, sigma_grid
-from avatarforcing.train.trainer import Trainer
+from avatarforcing.train.loop import Trainer
 
 
 def test_teacher_lowers_its_loss_from_yaml(tmp_path):

@@ -32,7 +32,9 @@ from ..schedule import NoiseSchedule, WindowSchedule, flow_to_x0
 from ..units import stable_seed
 from . import data as D
 from .teacher import clip_flow, flow_matching_loss, guidance_passes, guidance_text, noised_clip, teacher_x0
-from .trainer import build_dit, full_params, param_digest
+from .distributed import full_params, param_digest
+from .roles import build_dit
+from .stage import Stage
 
 
 def dmd_gradient(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -83,7 +85,7 @@ def rollout(model, schedule: WindowSchedule, cache_cfg: CacheConfig, ref: torch.
     return torch.cat([ref.to(blocks[0].dtype)] + [blocks[b] for b in range(num_blocks)], dim=2)
 
 
-class DMDStage:
+class DMDStage(Stage):
     """``train_dmd.py``: generator (student) + critic (fake score) against the frozen CFG teacher."""
 
     name = "dmd"
@@ -133,7 +135,7 @@ class DMDStage:
         """Cross-attention K/V of the prompt; with grad (trains the text path) unless FSDP shards the model."""
         if self.tr.fsdp:
             with torch.no_grad(), full_params(role.model):
-                return role.module.text_kv(text)
+                return role.model.text_kv(text)
         return role.model.text_kv(text)
 
     def generate(self, batch, step: int, micro: int, salt: str, grad_steps=()) -> torch.Tensor:
@@ -183,32 +185,38 @@ class DMDStage:
         return dmd_loss(x[:, :, 1:], g, str(self.cfg.dmd.loss_reduction)), g
 
     # -- the step ---------------------------------------------------------------------------------------------
+    def critic_micro_loss(self, step: int, k: int, micro: int) -> torch.Tensor:
+        """Critic update ``k``: flow matching on a no-grad rollout of the generator."""
+        batch = self.data.next()
+        with torch.no_grad():
+            x = self.generate(batch, step, micro, f"critic{k}")
+        return self.critic_loss(x, batch, self.tr.generator(step, micro, salt=100 + k))
+
     def train_step(self, step: int) -> dict:
-        dc, accum = self.cfg.dmd, int(self.cfg.train.grad_accum)
+        dc = self.cfg.dmd
         critic_losses = []
         stats = {}
         for k in range(int(dc.critic_updates)):
-            for micro in range(accum):
-                batch = self.data.next()
-                with torch.no_grad():
-                    x = self.generate(batch, step, micro, f"critic{k}")
-                loss = self.critic_loss(x, batch, self.tr.generator(step, micro, salt=100 + k))
-                self.tr.backward(loss / accum)
-                critic_losses.append(loss.item())
-            stats.update(self.tr.optimizer_step(self.critic, step))
-        gen_loss, g_abs, chosen = 0.0, 0.0, []
-        for micro in range(accum):
+            losses, s = self.tr.accumulate(self.critic, step, lambda micro: self.critic_micro_loss(step, k, micro))
+            critic_losses += losses
+            stats.update(s)
+        g_abs_micro, chosen = [], []
+
+        def generator_micro_loss(micro: int) -> torch.Tensor:
             batch = self.data.next()
             steps = choose_backprop_steps(self.schedule, self.num_blocks(batch), int(dc.backprop_steps),
                                           self.tr.generator(step, micro, salt=3, per_rank=False))
             chosen.append(steps)
             x = self.generate(batch, step, micro, "gen", grad_steps=steps)
             loss, g = self.generator_loss(x, batch, self.tr.generator(step, micro, salt=4))
-            self.tr.backward(loss / accum)
-            gen_loss += loss.item() / accum
-            g_abs += g.abs().mean().item() / accum
+            g_abs_micro.append(g.abs().mean().item())
             self.last_video = x.detach()
-        stats.update(self.tr.optimizer_step(self.gen, step))
+            return loss
+
+        losses, s = self.tr.accumulate(self.gen, step, generator_micro_loss)
+        stats.update(s)
+        gen_loss = sum(loss / len(losses) for loss in losses)
+        g_abs = sum(v / len(g_abs_micro) for v in g_abs_micro)
         rec = {"step": step, "backprop_steps": chosen, "gen_loss": gen_loss}
         if self.cfg.train.trace:
             rec["generator"] = param_digest(self.gen.model)

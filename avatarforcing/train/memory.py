@@ -5,7 +5,7 @@ an estimate whose assumptions are returned next to the numbers:
 
 * trainable networks (DMD: generator and critic): fp32 master weights 4 B + fp32 grads 4 B + AdamW
   m, v 8 B = 16 B/param, sharded 1/N under FSDP; the generator's EMA (fp32, 4 B/param) is sharded like
-  its weights (trainer.py);
+  its weights (distributed.py);
 * the frozen teacher: bf16 weights, 2 B/param (sharded 1/N under FSDP);
 * FSDP working set: the root unit (embeddings, all cross-attention, modulation, head, audio; the model
   computes the text K/V of every block before the blocks run, so cross-attention cannot sit in the block

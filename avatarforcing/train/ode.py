@@ -33,6 +33,8 @@ from ..schedule import StreamStep, WindowSchedule, flow_to_x0
 from ..stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
 from ..units import block_latent_frames, stable_seed
 from . import data as D
+from .roles import build_dit
+from .stage import Stage
 from .teacher import euler_sample, guidance_passes, guidance_text, sigma_grid
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,6 @@ def backfill_grid(cfg) -> tuple[list[float], list[float]]:
 
 def backfill(cfg, rank: int = 0, world: int = 1, device=None, progress: bool = True) -> dict:
     """Write ODE samples for this process's share of ``data.shards`` into ``data.ode``.  Resumable."""
-    from .trainer import build_dit
     if not cfg.data.shards or not cfg.data.ode:
         raise AvatarForcingError("ODE backfill needs data.shards=<clip samples> and data.ode=<output directory>")
     if not cfg.ode.teacher:
@@ -200,13 +201,12 @@ def window_x0(model, cache: StreamCache, schedule: WindowSchedule, step: StreamS
     return flow_to_x0(x.float(), flow.float(), sigma)
 
 
-class ODEStage:
+class ODEStage(Stage):
     """``train_ode.py``: one-step regression of the student onto the teacher's clean endpoints."""
 
     name = "ode"
 
     def __init__(self, cfg, trainer):
-        from .trainer import build_dit
         self.cfg, self.tr = cfg, trainer
         if not cfg.data.ode:
             raise AvatarForcingError("data.ode is not set; pass data.ode=<directory written by scripts/ode_backfill.py>")
@@ -258,18 +258,17 @@ class ODEStage:
         return (batch["clean"].shape[2] - 1) // self.schedule.B
 
     def train_step(self, step: int) -> dict:
-        accum = int(self.cfg.train.grad_accum)
-        total = 0.0
         windows = []
-        for micro in range(accum):
+
+        def micro_loss(micro: int) -> torch.Tensor:
             batch = self.data.next()
             win, n = choose_window(self.schedule, self.num_blocks(batch),
                                    self.tr.generator(step, micro, salt=1, per_rank=False), str(self.cfg.ode.windows))
-            loss = self.loss(batch, win, n, self.tr.generator(step, micro, salt=2))
-            self.tr.backward(loss / accum)
-            total += loss.item() / accum
             windows.append([win.index, n])
-        stats = self.tr.optimizer_step(self.role, step)
+            return self.loss(batch, win, n, self.tr.generator(step, micro, salt=2))
+
+        losses, stats = self.tr.accumulate(self.role, step, micro_loss)
+        total = sum(loss / len(losses) for loss in losses)
         self.tr.trace({"step": step, "windows": windows, "loss": total})
         return {"loss": total, **stats}
 

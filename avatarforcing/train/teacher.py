@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .. import AvatarForcingError
 from ..model import i2v_input
 from ..schedule import NoiseSchedule, add_noise, flow_to_x0, shift_sigma
+from .stage import Stage
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -175,14 +176,14 @@ def teacher_x0(model, x_t, t_frames, ref, audio, text, guidance_scale, audio_gui
     return flow_to_x0(x_t.float(), v, t_frames / 1000.0)
 
 
-class TeacherStage:
+class TeacherStage(Stage):
     """``train_teacher.py``: flow matching of the bidirectional teacher on clip samples."""
 
     name = "teacher"
 
     def __init__(self, cfg, trainer):
         from .data import CLIP_FIELDS, BatchStream, ShardDataset, read_null_text
-        from .trainer import build_dit
+        from .roles import build_dit
         self.cfg, self.tr = cfg, trainer
         tc = cfg.train
         if not cfg.data.shards:
@@ -206,24 +207,18 @@ class TeacherStage:
         audio, text = batch["audio"].to(dev), batch["text"].to(dev)
         B = x0.shape[0]
         if dropout:
-            text, audio = condition_dropout(text, audio, self.null["empty"], float(self.cfg.train.text_dropout),
-                                            float(self.cfg.train.audio_dropout), generator)
-        t = self.noise.sample_timesteps(B, generator=generator, min_t=float(self.cfg.train.t_min),
-                                        max_t=float(self.cfg.train.t_max)).to(dev)
+            text, audio = condition_dropout(text, audio, self.null["empty"], float(self.cfg.teacher.text_dropout),
+                                            float(self.cfg.teacher.audio_dropout), generator)
+        t = self.noise.sample_timesteps(B, generator=generator, min_t=float(self.cfg.teacher.t_min),
+                                        max_t=float(self.cfg.teacher.t_max)).to(dev)
         noise = torch.randn(x0.shape, generator=generator).to(dev)
         with self.tr.autocast():
             return flow_matching_loss(self.role.model, x0, ref, audio, text, t, noise, self.noise.num_train_timesteps)
 
     def train_step(self, step: int) -> dict:
-        accum = int(self.cfg.train.grad_accum)
-        total = 0.0
-        for micro in range(accum):
-            batch = self.data.next()
-            loss = self.loss(batch, self.tr.generator(step, micro))
-            self.tr.backward(loss / accum)
-            total += loss.item() / accum
-        stats = self.tr.optimizer_step(self.role, step)
-        return {"loss": total, **stats}
+        losses, stats = self.tr.accumulate(
+            self.role, step, lambda micro: self.loss(self.data.next(), self.tr.generator(step, micro)))
+        return {"loss": sum(loss / len(losses) for loss in losses), **stats}
 
     @torch.no_grad()
     def eval_loss(self, batch, seed: int = 1234) -> float:

@@ -91,7 +91,7 @@ def stage_shards(run: Run) -> dict:
 
 
 def _train(run: Run, stage_cls, name: str, overrides_key: str, extra=()) -> dict:
-    from ..train.trainer import run_stage
+    from ..train.loop import run_stage
     cfg = run.stage_cfg(overrides_key, [f"train.output_dir={run.stage_dir(name)}", *extra])
     metrics = run_stage(stage_cls, cfg)
     if not run.export(name).is_file():
