@@ -173,3 +173,16 @@ def test_cli_bf16_demo(repo_root, tmp_path):
                            "--duration", "1.5", "inference.dtype=bf16"], capture_output=True, text=True, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and proc.stdout.strip().splitlines()[-1] == str(out)
+
+
+def test_wav2vec2_in_bf16_matches_fp32():
+    """The audio encoder in bf16 (as on GPU): features close to fp32, offline and in a live window."""
+    from avatarforcing.audio import Wav2Vec2Features
+    torch.manual_seed(0)
+    enc32 = Wav2Vec2Features.from_config()
+    enc16 = copy.deepcopy(enc32)
+    enc16.model.to(torch.bfloat16)
+    wav = torch.randn(16000 * 2) * 0.1
+    a, b = enc16.encode(wav)[1:], enc32.encode(wav)[1:]
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.99, cos

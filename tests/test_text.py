@@ -237,3 +237,20 @@ def test_lazy_encoder_options(wan_folder, tmp_path):
     empty = lazy(folder, None)
     assert empty.encode("").shape == (1, 16, 32)                  # the empty prompt: </s> only
     assert (empty.encode("")[0, 1:] == 0).all()
+
+
+def test_umt5_in_bf16_matches_fp32(wan_folder):
+    """The text encoder in the dtype GPU users run: bf16 embeddings close to fp32 (cosine > 0.99 per token)."""
+    folder, _ = wan_folder
+    prompts = ["a person talking", "studio light"]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        enc = build_text_encoder(OmegaConf.create({"encoder": "umt5", "path": str(folder), "cache_dir": None}),
+                                 text_dim=32, text_len=16, dtype=dtype)
+        out[dtype] = enc.encode(prompts)
+    assert out[torch.bfloat16].dtype == torch.bfloat16
+    a, b = out[torch.bfloat16].float(), out[torch.float32]
+    real = b.abs().sum(-1) > 0                                   # rows of real tokens (the rest are zero padding)
+    assert torch.equal(real, a.abs().sum(-1) > 0)
+    cos = torch.nn.functional.cosine_similarity(a[real], b[real], dim=-1)
+    assert cos.min() > 0.99, cos
