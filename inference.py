@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.config import load_config
-from avatarforcing.pipeline import REPO_ROOT, AvatarPipeline, default_config_path
+from avatarforcing.config import load_config, resolve_path, resource_path
+from avatarforcing.pipeline import AvatarPipeline, default_config_path
 
 log = logging.getLogger("avatarforcing.inference")
-EXAMPLE_IMAGE = REPO_ROOT / "assets" / "example.png"
-EXAMPLE_AUDIO = REPO_ROOT / "assets" / "example.wav"
+EXAMPLE_IMAGE = resource_path("assets/example.png", required=False)   # the checkout's, else the installed copy
+EXAMPLE_AUDIO = resource_path("assets/example.wav", required=False)
 
 
 # ---- the reference release's data list, lengths, output checks ------------------------------------------
@@ -105,8 +105,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="AvatarForcing: reference image + speech -> talking-avatar video (mp4).",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--image", help=f"reference image (default: {EXAMPLE_IMAGE.relative_to(REPO_ROOT)})")
-    p.add_argument("--audio", help=f"speech audio, wav/mp3/flac (default: {EXAMPLE_AUDIO.relative_to(REPO_ROOT)})")
+    p.add_argument("--image", help="reference image (default: assets/example.png)")
+    p.add_argument("--audio", help="speech audio, wav/mp3/flac (default: assets/example.wav)")
     p.add_argument("--prompt", help="text prompt (default: inference.prompt)")
     p.add_argument("--config", help="experiment YAML (default: configs/demo.yaml, else configs/tiny.yaml)")
     p.add_argument("--checkpoint", help="DiT weights (default: inference.checkpoint; none = random init)")
@@ -126,11 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _find(path: str | None, fallback: Path | None = None) -> Path | None:
-    """A path as given, else relative to the repository (configs/...), else ``fallback``."""
+    """A path as given, else a shipped file of that name (configs/..., see config.resolve_path), else ``fallback``."""
     if path is None:
         return fallback
-    p = Path(path)
-    return p if p.exists() or p.is_absolute() or not (REPO_ROOT / p).exists() else REPO_ROOT / p
+    return resolve_path(path)
 
 
 def run(args) -> list[Path]:

@@ -1,6 +1,6 @@
 """Audio features per video frame (25 fps) and their grouping into latent frames.
 
-Row convention (SPEC section 3): row j of a feature matrix drives video frame j and holds the audio
+Row convention (docs/spec.md section 3): row j of a feature matrix drives video frame j and holds the audio
 feature of video frame j-1, so row 0 is all zeros. Audio frame i covers samples [640 i, 640 (i+1))
 at 16 kHz. A clip of N samples has ceil(N / 640) audio frames and 1 + ceil(N / 640) rows.
 
@@ -242,7 +242,7 @@ def tiny_wav2vec2_config():
 
 
 class Wav2Vec2Features(AudioFeatureExtractor):
-    """wav2vec2 features as in the reference release (SPEC section 3).
+    """wav2vec2 features as in the reference release (docs/spec.md section 3).
 
     Whole-window zero-mean / unit-variance normalization (like `Wav2Vec2FeatureExtractor`), CNN features
     (50 Hz) linearly interpolated to one vector per video frame BEFORE the transformer, then per frame

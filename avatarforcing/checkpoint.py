@@ -6,11 +6,11 @@ Every loader returns a flat state dict in *our* naming (Wan2.1's original names 
 * released student (``model.pt``, ``ode_audio_init.pt``): ``torch.load`` -> ``{'generator': ..., 'generator_ema': ...}``,
   keys ``model.`` + Wan names, FSDP / torch.compile wrappers in the names, unmerged PEFT LoRA
   (``X.base_layer.weight``, ``X.lora_A.default.weight`` [r, in], ``X.lora_B.default.weight`` [out, r]) that is
-  merged here as W = W0 + (alpha / r) B A  (SPEC section 5),
+  merged here as W = W0 + (alpha / r) B A  (docs/spec.md section 5),
 * base Wan2.1-T2V-1.3B ``diffusion_pytorch_model.safetensors`` (original names, maybe sharded with an index json,
   in_dim 16, no audio modules),
 * the diffusers layout (``Wan2.1-T2V-1.3B-Diffusers`` or its ``transformer/`` folder), renamed by the table
-  below (SPEC section 8).
+  below (docs/spec.md section 8).
 
 ``load_dit`` picks the reader, converts, widens a base model's patch embedding to our in_dim (new channels
 zero, so the model starts by ignoring the reference/mask channels), leaves the audio modules of a base model
@@ -40,7 +40,7 @@ DEFAULT_LORA_ALPHA = 64.0          # the release: rank 128, alpha 64 -> scale 0.
 _STRIP_ANYWHERE = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 _STRIP_LEADING = ("model.", "module.", "base_model.model.")
 
-# diffusers WanTransformer3DModel -> original Wan2.1 names (SPEC section 8). diffusers fuses nothing for Wan.
+# diffusers WanTransformer3DModel -> original Wan2.1 names (docs/spec.md section 8). diffusers fuses nothing for Wan.
 _DIFFUSERS_TO_WAN = [(re.compile(p), r) for p, r in [
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
     (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),

@@ -21,7 +21,25 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from . import AvatarForcingError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# A non-editable install (``pip install .``) ships configs/ and assets/ inside the package, under _data/
+# (see setup.py); a checkout uses its own copies first.
+DATA_ROOT = Path(__file__).resolve().parent / "_data"
+
+
+def resource_path(rel: os.PathLike | str, required: bool = True) -> Path:
+    """A file that ships with the project (``configs/demo.yaml``, ``assets/example.wav``): the repository
+    checkout's copy if there is one, else the copy installed with the package.  When neither exists, raise
+    :class:`AvatarForcingError` (or, with ``required=False``, return the checkout's path anyway)."""
+    for root in (REPO_ROOT, DATA_ROOT):
+        if (root / rel).exists():
+            return root / rel
+    if not required:
+        return REPO_ROOT / rel
+    raise AvatarForcingError(f"{Path(rel).as_posix()} not found (looked in {REPO_ROOT} and {DATA_ROOT}); run from a full "
+                             "checkout or reinstall the package with `pip install .` from one")
+
+
+CONFIG_DIR = resource_path("configs", required=False)
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 # Reference-release key -> our dotted key (values copied as they are).
@@ -250,7 +268,7 @@ _SCHEMA: dict[str, Any] | None = None   # dotted key -> _Type (leaves) or the se
 def _schema() -> dict[str, Any]:
     global _SCHEMA
     if _SCHEMA is None:
-        defaults = OmegaConf.to_container(_load_yaml(DEFAULT_CONFIG))
+        defaults = OmegaConf.to_container(_load_yaml(resource_path("configs/default.yaml")))
         schema: dict[str, Any] = {}
 
         def walk(node: dict, prefix: str) -> None:
@@ -391,9 +409,9 @@ def _merge_strict(base: DictConfig, other: DictConfig, source: str) -> DictConfi
 
 def load_config(path: os.PathLike | str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """default.yaml <- experiment YAML (optionally with ``defaults: [other.yaml]``) <- ``key=value`` overrides."""
-    cfg = _load_yaml(DEFAULT_CONFIG)
+    cfg = _load_yaml(resource_path("configs/default.yaml"))
     if path is not None:
-        for layer, src in _experiment_layers(Path(path)):
+        for layer, src in _experiment_layers(resolve_path(path)):
             cfg, layer = _open_plugin_sections(cfg, layer, str(src))
             cfg = _merge_strict(cfg, _check_layer(layer, str(src)), str(src))
     return apply_overrides(cfg, overrides)
@@ -433,12 +451,16 @@ def _experiment_layers(path: Path) -> Iterable[tuple[DictConfig, Path]]:
 
 
 def resolve_path(path: os.PathLike | str) -> Path:
-    """A path as given if it exists (or is absolute), else relative to the repository root if it exists
-    there: configs that ship with the repo name their assets relative to it (``assets/demo/model.pt``)."""
+    """A path as given if it exists (or is absolute), else a shipped file of that relative name if there is one
+    (:func:`resource_path`: the checkout's, else the installed package's): configs that ship with the project
+    name their assets relative to the repository root (``assets/demo/model.pt``)."""
     p = Path(path)
     if p.exists() or p.is_absolute():
         return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+    for root in (REPO_ROOT, DATA_ROOT):
+        if (root / p).exists():
+            return root / p
+    return p
 
 
 def to_dict(cfg: DictConfig) -> dict:

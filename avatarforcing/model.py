@@ -453,7 +453,7 @@ def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int) -> torch
     """Channel conditioning: [noisy (16) | reference latent repeated (16) | mask (1)] -> in_dim 33.
 
     noisy [B, 16, F, h, w] holds absolute latent frames first_frame..first_frame+F-1; ref [B, 16, 1, h, w].
-    The mask channel is 0 at absolute frame 0 (the reference) and 1 elsewhere (SPEC section 3).
+    The mask channel is 0 at absolute frame 0 (the reference) and 1 elsewhere (docs/spec.md section 3).
     """
     B, _, Fn, h, w = noisy.shape
     y = ref.to(noisy.dtype).expand(B, -1, Fn, h, w)

@@ -8,7 +8,7 @@
 Per stream:
 1. the reference image is resized (``inference.resize``: keep its aspect ratio within the area
    ``inference.height x width``, as the release does, or cover-crop to exactly that size) and VAE-encoded
-   to latent frame 0; its decode is output frame 0 and it seeds the style anchor (SPEC section 3);
+   to latent frame 0; its decode is output frame 0 and it seeds the style anchor (docs/spec.md section 3);
 2. :class:`~avatarforcing.audio.AudioFeed` serves per-latent-frame audio features to the sampler (latent
    frame 0 gets zeros, latent frame k >= 1 the rows of video frames 4k-3..4k): a file or whole waveform is
    encoded at once (``audio.file_features=offline``, as in training); a live iterable / queue of chunks is
@@ -48,7 +48,7 @@ from .units import LATENT_STRIDE
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent   # the checkout; shipped files: config.resource_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +109,10 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
 
 def default_config_path() -> Path:
     """configs/demo.yaml (the synthetic-world demo model) if it exists, else configs/tiny.yaml."""
-    demo = REPO_ROOT / "configs" / "demo.yaml"
-    return demo if demo.is_file() else REPO_ROOT / "configs" / "tiny.yaml"
+    from .config import resource_path
+
+    demo = resource_path("configs/demo.yaml", required=False)
+    return demo if demo.is_file() else resource_path("configs/tiny.yaml")
 
 
 class BatchNoise:

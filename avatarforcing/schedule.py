@@ -1,6 +1,6 @@
 """Flow-matching noise schedule and the sliding-window schedule of B_{L,N}.
 
-Units (SPEC section 2): 1000 training timesteps, shift s.  sigma(u) = s*u / (1 + (s-1)*u), u = t/1000.
+Units (docs/spec.md section 2): 1000 training timesteps, shift s.  sigma(u) = s*u / (1 + (s-1)*u), u = t/1000.
 x_t = (1 - sigma) x0 + sigma eps, the DiT predicts v = eps - x0, so x0 = x_t - sigma v.
 
 The window schedule is the single place that knows which block sits at which noise level at every
@@ -68,7 +68,7 @@ class NoiseSchedule:
         return (shift_sigma(u, self.shift) * self.num_train_timesteps).tolist()
 
     def sample_timesteps(self, shape, generator=None, device=None, min_t: float = 20.0, max_t: float = 980.0):
-        """Training timesteps: uniform u, shifted, clamped to [min_t, max_t] (SPEC section 6)."""
+        """Training timesteps: uniform u, shifted, clamped to [min_t, max_t] (docs/spec.md section 6)."""
         u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
         t = shift_sigma(u, self.shift) * self.num_train_timesteps
         return t.clamp(min_t, max_t).to(device)

@@ -3,7 +3,7 @@
 Backends:
 - transformers `UMT5EncoderModel` + tokenizer from a local folder (:meth:`TextEncoder.from_pretrained`),
 - the original Wan2.1 file `models_t5_umt5-xxl-enc-bf16.pth` converted on load
-  (:meth:`TextEncoder.from_wan_checkpoint`, key mapping in SPEC section 8),
+  (:meth:`TextEncoder.from_wan_checkpoint`, key mapping in docs/spec.md section 8),
 - `none`: zeros, for the synthetic world and text-free runs (:meth:`TextEncoder.none`).
 
 umT5-XXL is ~11 GB in bf16, more than the whole streaming model: :func:`build_text_encoder` returns a

@@ -237,7 +237,7 @@ class WanVAE(nn.Module):
 class StreamingDecoder:
     """Decode latent blocks as they are produced, keeping the VAE's causal cache between calls.
 
-    Equals `WanVAE.decode` of all latents at once (SPEC section 8). Holds its own feature cache, so
+    Equals `WanVAE.decode` of all latents at once (docs/spec.md section 8). Holds its own feature cache, so
     several streams (and one-shot decodes) can use the same VAE.
 
     Low-VRAM options (the output is the same):

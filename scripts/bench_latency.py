@@ -12,7 +12,7 @@ Measures, on the configured model (random weights are fine: timing does not depe
 2. audio look-ahead: the paper's formula (L-1)B/25 s with B counted in video frames, and what the window
    actually needs with B latent frames: (L-1) * 4B video frames / 25.
 3. end-to-end delay: a thread pushes 40 ms audio chunks at wall-clock speed into a live stream; for every
-   video frame t, the delay from receiving the audio that drives it (samples up to 640 t, SPEC section 3)
+   video frame t, the delay from receiving the audio that drives it (samples up to 640 t, docs/spec.md section 3)
    to emitting frame t.
 4. flatness over a long stream: per-step time and memory (RSS; CUDA allocator on GPU) against the stream
    position; late/early ratios must be ~1.

@@ -70,7 +70,7 @@ def build_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool, seed: i
         if tiny:
             cfg = DiTConfig(**{**PRESETS["tiny"].__dict__, "audio_dim": 4 * audio.feature_dim})
         else:
-            cfg = DiTConfig()                                     # Wan2.1-T2V-1.3B + audio (SPEC section 4)
+            cfg = DiTConfig()                                     # Wan2.1-T2V-1.3B + audio (docs/spec.md section 4)
         model = WanDiT(cfg)
         torch.nn.init.normal_(model.head.head.weight, std=0.02)   # Wan's init zeroes it
         vae = WanVAE.from_config({"base_dim": 8 if tiny else 96, "z_dim": 16})

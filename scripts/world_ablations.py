@@ -22,7 +22,7 @@ used in training) for --seconds, evaluated as Total / Last (final 10 s) and aver
            Causal ODE -- the trained baselines if the run has them, else the DMD / ODE students run with L = 1.
 
 Writes to --out: tableN.csv / tableN_per_case.csv / tableN.md, tables.md (all tables and an auto-generated
-claims section; the README embeds it), summary.json, the PNGs, and samples/tableN_side_by_side.mp4 (case 0, the
+claims section; results/README.md embeds it), summary.json, the PNGs, and samples/tableN_side_by_side.mp4 (case 0, the
 real clip then the variants left to right, audio muxed; order in the .txt next to it).  tables.md and
 summary.json are rewritten after every table, so a partial run leaves the tables done so far; --reuse skips
 tables whose results in summary.json were made with the same settings.

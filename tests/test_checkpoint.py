@@ -1,4 +1,4 @@
-"""Checkpoint loaders on synthetic checkpoints with the exact key layouts, at tiny sizes (SPEC sections 5, 8)."""
+"""Checkpoint loaders on synthetic checkpoints with the exact key layouts, at tiny sizes (docs/spec.md sections 5, 8)."""
 import argparse
 import dataclasses
 import importlib.util

@@ -3,11 +3,11 @@
 The teacher is the same :class:`~avatarforcing.model.WanDiT` as the student, run over a whole latent clip
 without a cache.  Frame 0 is the reference latent, kept clean (t = 0, mask channel 0 via
 ``i2v_input(x, ref, first_frame=0)``, zero audio); frames 1.. are noised at one timestep per sample and
-the target is the flow v = eps - x0 on frames 1.. (SPEC sections 2, 3, 6).
+the target is the flow v = eps - x0 on frames 1.. (docs/spec.md sections 2, 3, 6).
 
 CFG (:func:`guided_flow`) combines up to three passes: c = (text, audio), m = (text, zero audio) and
 u = (negative prompt, zero audio):  v = u + s_text (m - u) + s_audio (c - m).  With equal scales this is
-v = u + s (c - u) and the m pass is skipped (SPEC section 3: CFG 4.5, Wan negative prompt, zeroed audio).
+v = u + s (c - u) and the m pass is skipped (docs/spec.md section 3: CFG 4.5, Wan negative prompt, zeroed audio).
 
 The sampler's sigma grid contains the student's sigmas exactly (:func:`sigma_grid`), so ODE backfill stores
 trajectory states at exactly the student's timesteps, whatever the teacher step count or shift.
