@@ -172,7 +172,7 @@ def run(args) -> list[Path]:
                 written[i] = path
         return [written[i] for i in sorted(written)]
 
-    from avatarforcing.media import load_audio, load_image
+    from avatarforcing.media import check_audio, load_image
 
     image = _find(args.image, EXAMPLE_IMAGE if EXAMPLE_IMAGE.is_file() else None)
     audio = _find(args.audio, EXAMPLE_AUDIO if EXAMPLE_AUDIO.is_file() else None)
@@ -185,7 +185,7 @@ def run(args) -> list[Path]:
         output = output / f"{image.stem}.mp4"
     # Check the inputs and the output folder before building the model.
     load_image(image, int(cfg.inference.height), int(cfg.inference.width), str(cfg.inference.resize))
-    load_audio(audio)
+    check_audio(audio)
     check_writable(output)
     pipe = AvatarPipeline.from_config(cfg, checkpoint)
     prompt = cfg.inference.prompt if args.prompt is None else args.prompt

@@ -97,6 +97,7 @@ class AudioFeatureExtractor(nn.Module):
     """Base class: per-video-frame audio features at 25 fps from 16 kHz mono audio."""
 
     feature_dim: int  # features per video frame
+    streams_exactly = False  # True: streaming with >= 2 frames of left context equals the whole-clip encoding
     sample_rate = SAMPLE_RATE
     fps = FPS
 
@@ -323,6 +324,11 @@ class MelFeatures(AudioFeatureExtractor):
         self.register_buffer("mel_fb", torch.from_numpy(fb).float(), persistent=False)  # [513, n_mels]
         self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
 
+    @property
+    def streams_exactly(self) -> bool:
+        """Causal features: streaming equals the whole-clip encoding given 2 frames (0.08 s) of left context."""
+        return self.left_context_seconds * self.fps >= 2
+
     def window_features(self, wav, num_frames, stats=None):
         # float64 inside: a frame's float32 result then does not depend on how many frames are computed
         # together (BLAS picks other kernels for few rows), so streaming windows equal `encode` bit for bit.
@@ -385,11 +391,15 @@ def _whole_waveform(source):
 def _chunks(source, chunk_samples: int) -> Iterator:
     """Any audio source -> an iterator of 16 kHz mono sample chunks.
 
-    None: no audio; a path: the file (decoded, resampled, downmixed); a waveform [N]: split into chunks;
-    a ``queue.Queue``: chunks until a ``None`` item; any other iterable: its chunks as they come."""
+    None: no audio; a path: the file, read block by block (decoded, resampled, downmixed); a waveform [N]:
+    split into chunks; a ``queue.Queue``: chunks until a ``None`` item; any other iterable: its chunks."""
+    from .media import audio_chunks
+
     if source is None:
         return iter(())
-    whole = _whole_waveform(source)
+    if isinstance(source, (str, os.PathLike)):
+        return audio_chunks(source, SAMPLE_RATE)
+    whole = source if is_waveform(source) else None
     if whole is not None:
         return (whole[i:i + chunk_samples] for i in range(0, len(whole), chunk_samples))
     if isinstance(source, queue.Queue):
@@ -516,7 +526,10 @@ class AudioFeed:
     def __init__(self, encoder: AudioFeatureExtractor, source, chunk_samples: int, profiler=None):
         profiler = profiler or NullProfiler()
         self.dim, self.device = int(encoder.feature_dim), encoder.device
-        whole = _whole_waveform(source) if encoder.file_features == "offline" else None
+        # A file whose features stream exactly (the causal mel features) is read block by block: the same
+        # rows as offline, with memory that does not grow with the file.  Otherwise offline = the whole clip.
+        streamed_file = isinstance(source, (str, os.PathLike)) and encoder.streams_exactly
+        whole = _whole_waveform(source) if encoder.file_features == "offline" and not streamed_file else None
         if whole is not None:
             self.source = OfflineRows(encoder, whole, profiler)
         else:

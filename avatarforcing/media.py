@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import imageio_ffmpeg
 import numpy as np
@@ -27,36 +28,102 @@ AUDIO_HINT = "pass an existing .wav/.mp3/.flac"
 # audio
 
 
-def _decode_with_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
-    """Decode anything ffmpeg understands to float32 mono at `sample_rate`."""
+def _check_audio_file(path: Path) -> None:
+    if not path.is_file():
+        raise AvatarForcingError(f"audio file not found: {path}; {AUDIO_HINT}")
+
+
+def _ffmpeg_chunks(path: Path, sample_rate: int, block: int) -> Iterator[np.ndarray]:
+    """Decode anything ffmpeg understands to float32 mono at ``sample_rate``, ``block`` samples at a time."""
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-nostdin", "-i", str(path),
            "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        reason = reason[-1] if reason else f"ffmpeg exit code {proc.returncode}"
-        raise AvatarForcingError(f"cannot decode audio file {path} ({reason}); {AUDIO_HINT}")
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while data := proc.stdout.read(4 * block):
+            yield np.frombuffer(data[:len(data) // 4 * 4], dtype=np.float32)
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            reason = err.decode(errors="replace").strip().splitlines()
+            reason = reason[-1] if reason else f"ffmpeg exit code {proc.returncode}"
+            raise AvatarForcingError(f"cannot decode audio file {path} ({reason}); {AUDIO_HINT}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
+
+
+def audio_chunks(path: os.PathLike | str, sample_rate: int = 16000, block_seconds: float = 10.0) -> Iterator[np.ndarray]:
+    """An audio file as float32 mono chunks in [-1, 1] at ``sample_rate``, read block by block.
+
+    soundfile reads wav/flac/mp3/ogg in blocks, stereo is averaged to mono and soxr's streaming resampler
+    converts the rate, so memory does not grow with the file's length; anything else (m4a, aac, a video's
+    audio track) is decoded by the bundled ffmpeg, also streamed."""
+    path = Path(path)
+    _check_audio_file(path)
+    try:
+        info = sf.info(str(path))
+    except (sf.SoundFileError, RuntimeError, ValueError):
+        for chunk in _ffmpeg_chunks(path, sample_rate, max(1, int(block_seconds * sample_rate))):
+            yield np.clip(chunk, -1.0, 1.0)
+        return
+    block = max(1, int(block_seconds * info.samplerate))
+    resampler = soxr.ResampleStream(info.samplerate, sample_rate, 1, dtype="float32", quality="HQ") \
+        if info.samplerate != sample_rate else None
+    for data in sf.blocks(str(path), blocksize=block, dtype="float32", always_2d=True):   # [n, C]
+        mono = data.mean(axis=1, dtype=np.float32)
+        out = resampler.resample_chunk(mono) if resampler is not None else mono
+        if len(out):
+            yield np.clip(out, -1.0, 1.0)
+    if resampler is not None:
+        tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        if len(tail):
+            yield np.clip(tail, -1.0, 1.0)
+
+
+def audio_num_samples(path: os.PathLike | str, sample_rate: int = 16000) -> int:
+    """Samples of the file at ``sample_rate`` (from the header; formats without one are decoded in chunks)."""
+    path = Path(path)
+    _check_audio_file(path)
+    try:
+        info = sf.info(str(path))
+        return round(info.frames * sample_rate / info.samplerate)
+    except (sf.SoundFileError, RuntimeError, ValueError):
+        return sum(len(c) for c in audio_chunks(path, sample_rate))
+
+
+def check_audio(path: os.PathLike | str) -> None:
+    """Fail now (one line) if the file cannot be read or holds no samples, without decoding all of it."""
+    path = Path(path)
+    try:
+        first = next(iter(audio_chunks(path, block_seconds=0.5)), None)
+    except (sf.SoundFileError, RuntimeError, ValueError):
+        first = None
+        raise AvatarForcingError(f"cannot decode audio file {path}; {AUDIO_HINT}") from None
+    if first is None or not len(first):
+        raise AvatarForcingError(f"audio file {path} holds no samples; {AUDIO_HINT} with speech in it")
 
 
 def load_audio(path: os.PathLike | str, sample_rate: int = 16000) -> np.ndarray:
-    """Read an audio file as float32 mono in [-1, 1] at `sample_rate` -> [N].
-
-    soundfile reads wav/flac/mp3/ogg; anything else (m4a, aac, a video's audio track) is decoded by
-    the bundled ffmpeg. Stereo is averaged to mono, other sample rates are resampled with soxr."""
+    """Read an audio file as float32 mono in [-1, 1] at ``sample_rate`` -> [N] (one copy: :func:`audio_chunks`
+    fills an array sized from the header)."""
     path = Path(path)
-    if not path.is_file():
-        raise AvatarForcingError(f"audio file not found: {path}; {AUDIO_HINT}")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [N, C]
-        wav = data.mean(axis=1)
-        if sr != sample_rate and len(wav) > 0:
-            wav = soxr.resample(wav, sr, sample_rate, quality="HQ")
+        chunks = audio_chunks(path, sample_rate)
+        expected = audio_num_samples(path, sample_rate)
+        wav = np.empty(expected + 16, np.float32)                 # the resampler may give a few more
+        n = 0
+        for c in chunks:
+            if n + len(c) > len(wav):
+                wav = np.concatenate([wav[:n], np.empty(max(len(c), len(wav) // 2), np.float32)])
+            wav[n:n + len(c)] = c
+            n += len(c)
     except (sf.SoundFileError, RuntimeError, ValueError):
-        wav = _decode_with_ffmpeg(path, sample_rate)
-    if wav.size == 0:
+        raise AvatarForcingError(f"cannot decode audio file {path}; {AUDIO_HINT}") from None
+    if n == 0:
         raise AvatarForcingError(f"audio file {path} holds no samples; {AUDIO_HINT} with speech in it")
-    return np.clip(np.ascontiguousarray(wav, dtype=np.float32), -1.0, 1.0)
+    return wav[:n]
 
 
 def write_wav(path: os.PathLike | str, samples, sample_rate: int = 16000) -> None:

@@ -376,15 +376,15 @@ class AvatarPipeline:
         each video gets its own length, the batch runs as long as the longest."""
         from tqdm import tqdm
 
-        from .media import VideoWriter, load_audio
+        from .media import VideoWriter, audio_num_samples
 
         images, audio_paths, prompts, seeds = self._batch(image, audio_path, prompt, seed)
         outputs = list(output) if isinstance(output, (list, tuple)) else [output]
         if len(outputs) != len(images):
             raise AvatarForcingError(f"{len(images)} images need {len(images)} output paths")
         pixels = self.load_images(images)                      # fail fast on bad images
-        waves = [load_audio(p, self.audio_encoder.sample_rate) for p in audio_paths]
-        lengths = [self._num_blocks(w, p, duration, num_blocks) for w, p in zip(waves, audio_paths)]
+        samples = [audio_num_samples(p, self.audio_encoder.sample_rate) for p in audio_paths]   # headers only
+        lengths = [self._num_blocks(n, p, duration, num_blocks) for n, p in zip(samples, audio_paths)]
         total = max(lengths)
 
         with contextlib.ExitStack() as stack:
@@ -392,7 +392,7 @@ class AvatarPipeline:
             bar = stack.enter_context(tqdm(total=total, unit="block", disable=not progress, desc="generating",
                                            dynamic_ncols=True, leave=False))
             blocks_done = -1                                   # the first yield is the reference frame
-            for frames in self.stream(list(pixels), waves, prompts, seeds, num_blocks=total):
+            for frames in self.stream(list(pixels), audio_paths, prompts, seeds, num_blocks=total):
                 for writer, frames_i, n_i in zip(writers, frames, lengths):
                     if blocks_done < n_i:
                         writer.write(frames_i)
@@ -402,7 +402,7 @@ class AvatarPipeline:
         paths = [Path(o) for o in outputs]
         return paths if isinstance(output, (list, tuple)) else paths[0]
 
-    def _num_blocks(self, wav: np.ndarray, name, duration: float | None, num_blocks: int | None) -> int:
+    def _num_blocks(self, num_samples: int, name, duration: float | None, num_blocks: int | None) -> int:
         """Blocks of one video, with a one-line note where the request is rounded."""
         if num_blocks is not None:
             if num_blocks < 1:
@@ -418,14 +418,12 @@ class AvatarPipeline:
                          "%d block(s) = %d frames (%.2f s)", duration, frames, self.block_video_frames, n,
                          self.video_frames(n), self.video_frames(n) / self.fps)
             return n
-        frames = self.audio_video_frames(len(wav))
+        frames = self.audio_video_frames(num_samples)
         n = self.blocks_for_frames(frames)
         if frames < self.video_frames(1):
             log.info("note: audio %s is %.2f s, shorter than one block (%.2f s); generating one block (%d frames)",
-                     name, len(wav) / self.audio_encoder.sample_rate, self.video_frames(1) / self.fps,
+                     name, num_samples / self.audio_encoder.sample_rate, self.video_frames(1) / self.fps,
                      self.video_frames(1))
-        elif float(np.abs(wav).max(initial=0.0)) < 1e-4:
-            log.info("note: audio %s is silent; the avatar will not speak", name)
         return n
 
 

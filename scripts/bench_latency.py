@@ -351,6 +351,45 @@ def plot_sweep(cells: list[dict], path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. memory against the audio file's length
+
+
+def file_memory(config: str, seconds=(20.0, 3600.0), video_seconds: float = 4.0) -> dict:
+    """Peak RSS of ``inference.py`` (a fresh process each) making ``video_seconds`` of video from a speech file
+    of each length: the file is read block by block, so its length must not show in the peak."""
+    import subprocess
+    import tempfile
+
+    import soundfile as sf
+    out: dict = {"config": config, "video_seconds": video_seconds, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for secs in seconds:
+            wav = Path(tmp) / f"speech_{int(secs)}s.wav"
+            with sf.SoundFile(str(wav), "w", SAMPLE_RATE, 1, "PCM_16") as f:   # written in 60 s pieces
+                piece = synthetic_speech(min(secs, 60.0), seed=2)
+                left = int(secs * SAMPLE_RATE)
+                while left > 0:
+                    f.write(piece[:left])
+                    left -= len(piece)
+            code = ("import resource, sys, runpy; sys.argv = ['inference.py', '--audio', sys.argv[1], '--output', "
+                    "sys.argv[2], '--duration', sys.argv[3], '--config', sys.argv[4]]; "
+                    "rc = 0\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+                    "    rc = e.code or 0\nprint('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+                    "sys.exit(rc)")
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code, str(wav), str(Path(tmp) / "o.mp4"), str(video_seconds),
+                                   config], capture_output=True, text=True, cwd=ROOT)
+            peak = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
+            if proc.returncode != 0 or not peak:
+                raise RuntimeError(f"inference.py failed on a {secs:g} s file: {proc.stderr.strip()[-300:]}")
+            out["runs"].append({"audio_seconds": secs, "file_mb": wav.stat().st_size / 2 ** 20,
+                                "peak_rss_mb": peak[0] / 1024, "wall_s": time.perf_counter() - t0})
+    first, last = out["runs"][0], out["runs"][-1]
+    out["peak_ratio_longest_over_shortest"] = last["peak_rss_mb"] / first["peak_rss_mb"]
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="experiment YAML (default: configs/demo.yaml, else configs/tiny.yaml)")
@@ -365,6 +404,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the steady state with the DiT compiled")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--compile-rounds", type=int, default=2, help="alternating eager / compiled rounds")
+    p.add_argument("--file-memory", action="store_true", help="only section 6: peak memory of inference.py on a 20 s "
+                   "and a 1-hour audio file (fresh processes), merged into --out")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
 
@@ -391,6 +432,17 @@ def main(argv=None) -> int:
               "B": sch.B, "L": sch.L, "N": sch.N, "timesteps": sch.timesteps,
               "model": OmegaConf.to_container(cfg.model), "torch": torch.__version__}
 
+    if args.file_memory:
+        print("6. peak memory against the audio file's length ...", flush=True)
+        out = Path(args.out)
+        data = json.loads(out.read_text()) if out.is_file() else {}
+        data["file_memory"] = fm = file_memory(str(args.config or default_config_path()))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+        for r in fm["runs"]:
+            print(f"  {r['audio_seconds']:7.0f} s file ({r['file_mb']:.1f} MB): peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(f"  longest / shortest: {fm['peak_ratio_longest_over_shortest']:.3f}; wrote {out}")
+        return 0
     print("1. steady state ...", flush=True)
     result["steady_state"] = steady = steady_state(pipe, args.steps, args.warmup)
     result["look_ahead"] = la = look_ahead(pipe)

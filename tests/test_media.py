@@ -190,3 +190,36 @@ def test_video_writer_errors(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"garbage")
     with pytest.raises(AvatarForcingError, match="cannot read video"):
         probe_video(tmp_path / "bad.mp4")
+
+
+def test_audio_is_read_in_blocks_and_equals_a_whole_read(tmp_path):
+    """audio_chunks: soundfile blocks + soxr's streaming resampler give the one-shot result (to 1e-4), and
+    load_audio fills one array from them (the header's length)."""
+    import soxr
+
+    from avatarforcing.media import audio_chunks, audio_num_samples
+    t = np.arange(int(7.3 * 44100)) / 44100
+    x = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], 1).astype(np.float32)
+    sf.write(tmp_path / "s.wav", x, 44100)
+    whole = soxr.resample(x.mean(1), 44100, 16000, quality="HQ")
+    chunks = list(audio_chunks(tmp_path / "s.wav", 16000, block_seconds=1.0))
+    assert len(chunks) > 5 and max(len(c) for c in chunks) <= 16000 + 400    # the resampler's delay shifts a few
+    got = load_audio(tmp_path / "s.wav")
+    assert len(got) == len(whole) == audio_num_samples(tmp_path / "s.wav") == sum(map(len, chunks))
+    np.testing.assert_allclose(got, whole, atol=1e-4)
+    np.testing.assert_array_equal(got, np.concatenate(chunks))
+
+
+def test_a_file_streams_through_the_feed_when_its_features_stream_exactly(tmp_path):
+    """Mel features are causal: a file is read block by block (never whole) and gives the offline rows."""
+    from avatarforcing.audio import AudioFeed, LookaheadRows, MelFeatures, OfflineRows
+    rng = np.random.default_rng(0)
+    wav = (0.1 * rng.standard_normal(16000 * 6)).astype(np.float32)
+    write_wav(tmp_path / "a.wav", wav)
+    enc = MelFeatures()
+    from_file = AudioFeed(enc, tmp_path / "a.wav", 640 * 16)
+    from_wave = AudioFeed(enc, load_audio(tmp_path / "a.wav"), 640 * 16)
+    assert isinstance(from_file.source, LookaheadRows) and isinstance(from_wave.source, OfflineRows)
+    for start in range(0, 30, 4):
+        torch.testing.assert_close(from_file.latent(start, start + 16), from_wave.latent(start, start + 16),
+                                   atol=0, rtol=0)
