@@ -99,7 +99,6 @@ def check_audio(path: os.PathLike | str) -> None:
     try:
         first = next(iter(audio_chunks(path, block_seconds=0.5)), None)
     except (sf.SoundFileError, RuntimeError, ValueError):
-        first = None
         raise AvatarForcingError(f"cannot decode audio file {path}; {AUDIO_HINT}") from None
     if first is None or not len(first):
         raise AvatarForcingError(f"audio file {path} holds no samples; {AUDIO_HINT} with speech in it")

@@ -247,13 +247,6 @@ class AvatarPipeline:
         return self.schedule.blocks_for_video_frames(video_frames)
 
     # ---- conditioning --------------------------------------------------------------------------
-    def frame_size(self, image_width: int, image_height: int) -> tuple[int, int]:
-        """(H, W) of the video for a reference image of that size (``inference.resize``)."""
-        from .media import keep_aspect_size
-        if self.resize == "keep_aspect":
-            return keep_aspect_size(image_width, image_height, self.height, self.width)
-        return self.height, self.width
-
     def load_images(self, images: Sequence) -> torch.Tensor:
         """Paths / arrays / PIL images -> [B, 3, H, W] in [-1, 1], sized by ``inference.resize``.
 

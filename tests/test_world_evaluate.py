@@ -15,7 +15,8 @@ from avatarforcing.model import build_model
 from avatarforcing.world.codec import WorldCodec
 from avatarforcing.world.evaluate import (CODEC_HELD_OUT_WORLD_SEED, evaluate_run, evaluate_variant, held_out_cases,
                                           real_feature_stats, resolve_config, rollout_student, rollout_teacher,
-                                          steady_state_seconds_per_frame, tile_videos, training_clip_seeds)
+                                          tile_videos, training_clip_seeds)
+from avatarforcing.profiling import steady_state_seconds_per_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["vae.kind=world"]

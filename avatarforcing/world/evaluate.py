@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .. import AvatarForcingError
-from ..profiling import StepProfiler, steady_state_seconds_per_frame  # noqa: F401 (re-exported)
+from ..profiling import StepProfiler, steady_state_seconds_per_frame
 from .dataset import clip_seed, generate_clip
 from .layout import RunLayout
 from .speech import FPS, SAMPLE_RATE

@@ -27,28 +27,17 @@ class RunLayout:
     """Paths of a world run folder (nothing is created or read)."""
 
     def __init__(self, root: os.PathLike | str):
-        self.dir = Path(root)
-
-    @property
-    def state_path(self) -> Path: return self.dir / "state.json"
-    @property
-    def config_path(self) -> Path: return self.dir / "config.yaml"
-    @property
-    def data(self) -> Path: return self.dir / "data"
-    @property
-    def index(self) -> Path: return self.data / "index.csv"
-    @property
-    def codec(self) -> Path: return self.dir / "codec.pt"
-    @property
-    def shards(self) -> Path: return self.dir / "shards"
-    @property
-    def ode_store(self) -> Path: return self.dir / "ode"
-    @property
-    def ode_causal_store(self) -> Path: return self.dir / "ode_causal"
-    @property
-    def metric_nets(self) -> Path: return self.dir / "metric_nets.pt"
-    @property
-    def eval_dir(self) -> Path: return self.dir / "eval"
+        d = self.dir = Path(root)
+        self.state_path = d / "state.json"          # finished stages, their results and wall times
+        self.config_path = d / "config.yaml"
+        self.data = d / "data"                       # rendered videos + wavs + ground truth
+        self.index = self.data / "index.csv"
+        self.codec = d / "codec.pt"
+        self.shards = d / "shards"                   # preprocessed clip samples
+        self.ode_store = d / "ode"                   # ODE backfill (teacher trajectories)
+        self.ode_causal_store = d / "ode_causal"     # ... for the causal baselines
+        self.metric_nets = d / "metric_nets.pt"
+        self.eval_dir = d / "eval"
 
     def stage_dir(self, stage: str) -> Path:
         """A training stage's output folder (``train.output_dir``), by folder name (e.g. ``ode_student``)."""
