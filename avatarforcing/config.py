@@ -189,10 +189,8 @@ _TYPES = {
     "ode.num_samples": "int|null:16000",
     "dmd.teacher": "str|null:runs/teacher/export/model.pt",
     "dmd.generator": "str|null:runs/ode/export/model.pt",
-    "dmd.data": "str|null:data/ode",
+    "dmd.data": "str|null:data/ode",                 # default ${data.ode}
     "dmd.num_blocks": "int|null:5",
-    "dmd.guidance_scale": "float|null:4.5",
-    "dmd.audio_guidance_scale": "float|null:4.5",
 }
 _ARTICLE = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a str", "list": "a list"}
 

@@ -306,10 +306,12 @@ class _Phases:
 
 
 def _dit_phase(args, kwargs) -> str:
-    cache = kwargs.get("cache")
-    if cache is None:
-        return "dit.anchor_prefill"
-    return "dit.clean_rerun" if cache.rerun else "dit.window_forward"
+    """Which streaming forward a ``WanDiT.forward`` call is: its K/V without context is the anchor prefill,
+    with context the clean re-run; a flow is the window forward."""
+    if not kwargs.get("kv"):
+        return "dit.window_forward"
+    ctx = args[5] if len(args) > 5 else kwargs.get("ctx")
+    return "dit.anchor_prefill" if ctx is None else "dit.clean_rerun"
 
 
 def _fabricate(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

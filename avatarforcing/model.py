@@ -2,12 +2,17 @@
 
 Parameter names are Wan2.1's own (``wan/modules/model.py``) plus the AvatarForcing audio modules
 (``audio_proj``, ``audio_cond_projs``), so released checkpoints load without renaming tables
-(see avatarforcing/checkpoint.py).  One model class serves every role:
+(see avatarforcing/checkpoint.py).  One model class serves every role, through one method per use:
 
-* streaming student: ``forward(x_window, t, audio, text, cache=StreamCache)`` attends to
-  [style anchor | temporal cache | window] (avatarforcing/attention.py),
-* bidirectional teacher / critic: ``forward(x, t, audio, text)`` over a whole clip,
-* block-causal or any structured attention: ``forward(..., mask=..., frame_pos=...)``.
+* ``clip(noisy, ref, t, audio, text)``: a whole clip, bidirectional (teacher, critic; with ``mask`` and
+  ``frame_pos`` any structured attention, as the tests' oracle does),
+* ``window(noisy, ref, t, audio, cache)``: the streaming student, attending to
+  [style anchor | temporal cache | window] (avatarforcing/attention.py, avatarforcing/stream_state.py),
+* ``window_kv(clean, ref, t, audio, cache)`` / ``reference_kv(ref, audio, cache)``: the K/V written into the
+  cache by the clean re-run and the style-anchor prefill.
+
+Each builds the 33-channel input itself (:func:`i2v_input`) and runs :meth:`WanDiT.forward`, the tensor
+computation they share.
 
 Shapes: latents [B, C, F, H, W]; tokens [B, S, dim] with S = F * h * w, h = H/2, w = W/2 (patch 1x2x2);
 per-frame modulation e [B, F, 6, dim]; audio features per latent frame [B, F, audio_dim].
@@ -296,68 +301,95 @@ class WanDiT(nn.Module):
         a = self.audio_proj(audio.to(self.dtype))
         return [proj(a) for proj in self.audio_cond_projs]
 
-    # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x, t, audio=None, text=None, *, cache: StreamCache | None = None, frame_pos=None,
-                mask=None, return_kv: bool = False, skip_head: bool = False):
-        """Predict the flow v = eps - x0.
+    # ---- the four uses ---------------------------------------------------------------------------
+    # Each builds the 33-channel input (i2v_input), the frame positions and the attention context, then
+    # runs ``self(...)`` (forward), so module hooks (FSDP2 unsharding, profilers) see every call.
 
-        x: [B, in_dim, F, H, W] (noisy latent | reference latent | mask channels)
-        t: [B, F] per-frame timesteps (or [B])
-        audio: [B, F, audio_dim] per latent frame, or None for zero audio
-        text: prompt embeddings [B, L, text_dim], precomputed ``text_kv``, or None (cache.text is used)
-        cache: attend to [style anchor | temporal cache | x] with window-relative RoPE
-        frame_pos: [F] RoPE frame positions (default 0..F-1; ignored with a cache)
-        mask: boolean token mask [S, S] for structured attention without a cache
-        return_kv: also return this call's pre-RoPE K/V per block (for the cache)
+    def clip(self, noisy: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
+             text: torch.Tensor, *, frame_pos: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow v = eps - x0 of a whole clip whose frame 0 is the reference (teacher, critic).
 
-        The Python bookkeeping (timesteps, text K/V, RoPE tables, the cached context) happens here; the
-        tensor work is :meth:`forward_core`, which :meth:`compile_streaming` compiles for the steady state.
+        noisy [B, 16, F, h, w] (frame 0 = the reference latent); ref [B, 16, 1, h, w]; t [B, F] per-frame
+        timesteps (or [B]); audio [B, F, audio_dim] or None (zeros); text: prompt embeddings [B, L, text_dim].
+        Attention is bidirectional over the clip, or restricted by a boolean token ``mask`` [S, S] at RoPE
+        frame positions ``frame_pos`` [F] (default 0..F-1).  Returns [B, 16, F, h, w]."""
+        pos = torch.arange(noisy.shape[2]) if frame_pos is None else frame_pos
+        flow, _ = self(i2v_input(noisy, ref, 0), t, audio, text, pos, None, mask)
+        return flow
+
+    def window(self, noisy: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
+               cache: StreamCache) -> torch.Tensor:
+        """The student: flow of one streaming window that attends to [style anchor | temporal cache | window].
+
+        noisy [B, 16, F, h, w] starts at absolute latent frame ``cache.next_frame``; t [B, F]; audio
+        [B, F, audio_dim] or None; the prompt's K/V come from the cache.  Returns [B, 16, F, h, w]."""
+        x = i2v_input(noisy, ref, cache.next_frame)
+        ctx = cache.rotated_context(self.rope, *self._grid(x), self.device)
+        steady = cache.steady_layout(x.shape[2])
+        flow, _ = self(x, t, audio, cache.text, cache.window_positions(x.shape[2]), ctx, compiled=steady)
+        return flow
+
+    def window_kv(self, clean: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
+                  cache: StreamCache) -> KV:
+        """The clean re-run: pre-RoPE K/V of an emitted block (frames from ``cache.next_frame``) attending to
+        the cache, for the temporal cache (no output head).  Call inside ``cache.clean_rerun()``."""
+        x = i2v_input(clean, ref, cache.next_frame)
+        ctx = cache.rotated_context(self.rope, *self._grid(x), self.device)
+        steady = cache.steady_layout(x.shape[2])
+        _, kv = self(x, t, audio, cache.text, cache.window_positions(x.shape[2]), ctx, kv=True, compiled=steady)
+        return kv
+
+    def reference_kv(self, ref: torch.Tensor, audio: torch.Tensor | None, cache: StreamCache) -> KV:
+        """The style anchor: pre-RoPE K/V of the reference frame [B, 16, 1, h, w] at t = 0 on its own
+        (frame position 0, no context); ``audio`` [B, 1, audio_dim] or None (zeros, as the paper)."""
+        t = torch.zeros(ref.shape[0], 1, device=self.device)
+        _, kv = self(i2v_input(ref, ref, 0), t, audio, cache.text, torch.arange(1), None, kv=True)
+        return kv
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
+                text: torch.Tensor | list, frame_pos: torch.Tensor, ctx: list | None = None,
+                mask: torch.Tensor | None = None, *, kv: bool = False,
+                compiled: bool = False) -> tuple[torch.Tensor | None, KV | None]:
+        """The tensor computation behind :meth:`clip`, :meth:`window`, :meth:`window_kv` and
+        :meth:`reference_kv` (call those).  Always returns (flow, None), or (None, this call's pre-RoPE
+        K/V) with ``kv=True``.
+
+        x [B, in_dim, F, H, W] (i2v_input); t [B, F] (or [B], or a scalar); text: prompt embeddings
+        [B, L, text_dim], projected here (inside forward, where FSDP has unsharded the weights), or a cache's
+        per-block cross-attention K/V; frame_pos [F]: RoPE frame positions of x's frames; ctx: per block
+        (rotated k, v) of the cache, or None.  ``compiled`` (the caller's statement that the layout is the
+        steady state) runs :meth:`compile_streaming`'s graph.
         """
-        B, _, Fn, H, W = x.shape
+        text_kv = self.text_kv(text) if isinstance(text, torch.Tensor) else list(text)
+        rope = self.rope(torch.as_tensor(frame_pos), *self._grid(x), self.device)   # memoised per layout
+        core = self._compiled.run if compiled and self._compiled is not None and mask is None else self.forward_core
+        out, ks, vs = core(x, self._frame_t(t, x), audio, text_kv, rope, ctx, mask, kv=kv)
+        return out, (KV(ks, vs, x.shape[2]) if kv else None)
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         _, ph, pw = self.cfg.patch_size
-        h, w = H // ph, W // pw
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+    def _frame_t(self, t, x: torch.Tensor) -> torch.Tensor:
+        """Timesteps as [B, F]: a scalar or [B] holds for every frame."""
+        B, F = x.shape[0], x.shape[2]
         t = torch.as_tensor(t, device=self.device)
         if t.dim() == 0:
             t = t.expand(B)
-        if t.dim() == 1:
-            t = t[:, None].expand(-1, Fn)                                      # [B, F]
-
-        if text is None:
-            text_kv = cache.text if cache is not None else None
-            if text_kv is None:
-                raise ValueError("text conditioning missing: pass text embeddings or a cache with text K/V")
-        elif isinstance(text, torch.Tensor):
-            text_kv = self.text_kv(text)
-        else:
-            text_kv = text
-
-        ctx = None                                  # per block (rotated keys, values) of [anchor | temporal]
-        if cache is not None:
-            ctx = cache.rotated_context(self.rope, h, w, self.device)
-            frame_pos = cache.window_positions(Fn)
-        elif frame_pos is None:
-            frame_pos = torch.arange(Fn)
-        rope = self.rope(torch.as_tensor(frame_pos), h, w, self.device)    # memoised: constant per layout
-
-        core = self.forward_core
-        compiled = self._compiled
-        if compiled is not None and cache is not None and mask is None and cache.steady_layout(Fn):
-            core = compiled.run
-        out, ks, vs = core(x, t, audio, list(text_kv), rope, ctx, mask, return_kv=return_kv, skip_head=skip_head)
-        if return_kv:
-            return out, KV(ks, vs, Fn)
-        return out
+        return t[:, None].expand(-1, F) if t.dim() == 1 else t
 
     def forward_core(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
                      text_kv: list[tuple[torch.Tensor, torch.Tensor]], rope: tuple[torch.Tensor, torch.Tensor],
                      ctx: list[tuple[torch.Tensor, torch.Tensor]] | None = None, mask: torch.Tensor | None = None,
-                     return_kv: bool = False, skip_head: bool = False):
+                     kv: bool = False):
         """The forward on tensors only (no Python-side state): what torch.compile traces.
 
         x [B, in_dim, F, H, W]; t [B, F]; audio [B, F, audio_dim] or None; text_kv per block (k, v)
         [B, L, H, D]; rope (cos, sin) [F*h*w, D/2] for x's tokens; ctx per block (rotated k, v) [B, S_c, H, D]
-        prepended to the self-attention K/V, or None.  Returns (flow or None, per-block k, per-block v); the
-        lists are empty unless ``return_kv``.
+        prepended to the self-attention K/V, or None.  Returns (flow, [], []), or with ``kv`` (None, per-block
+        pre-RoPE k, per-block v) without running the output head.
         """
         B, _, Fn, H, W = x.shape
         _, ph, pw = self.cfg.patch_size
@@ -378,12 +410,12 @@ class WanDiT(nn.Module):
                                                                  use_reentrant=False)
             else:
                 tokens, k, v = blk(tokens, e0, rope, text_kv[i], ctx_i, mask)
-            if return_kv:
+            if kv:
                 ks.append(k)
                 vs.append(v)
 
         out = None
-        if not skip_head:
+        if not kv:
             out = self.head(tokens, e)                                         # [B, S, out*p]
             out = rearrange(out, "b (f h w) (pf ph pw c) -> b c (f pf) (h ph) (w pw)", f=Fn, h=h, w=w,
                             pf=self.cfg.patch_size[0], ph=ph, pw=pw)
@@ -430,18 +462,18 @@ class _CompiledCore:
     def __deepcopy__(self, memo):
         return None         # a copy of the model must not call this model's forward_core: it runs eager
 
-    def run(self, x, t, audio, text_kv, rope, ctx, mask, return_kv=False, skip_head=False):
-        key = (tuple(x.shape), x.dtype, 0 if ctx is None else ctx[0][0].shape[1], return_kv, skip_head)
+    def run(self, x, t, audio, text_kv, rope, ctx, mask, kv=False):
+        key = (tuple(x.shape), x.dtype, 0 if ctx is None else ctx[0][0].shape[1], kv)
         first = key not in self.seen
         if first:
             t0 = time.perf_counter()
-        out, ks, vs = self.fn(x, t, audio, text_kv, rope, ctx, mask, return_kv=return_kv, skip_head=skip_head)
+        out, ks, vs = self.fn(x, t, audio, text_kv, rope, ctx, mask, kv=kv)
         if first:
             if x.is_cuda:
                 torch.cuda.synchronize(x.device)
             self.seen.add(key)
             self.report.append({"input": list(key[0]), "dtype": str(key[1]), "context_tokens": key[2],
-                                "return_kv": return_kv, "skip_head": skip_head,
+                                "kv": kv,
                                 "first_call_s": time.perf_counter() - t0})
         if self.clone:
             out = None if out is None else out.clone()

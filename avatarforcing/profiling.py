@@ -28,7 +28,7 @@ class StepProfiler:
 
     ``pipe.stream(..., profiler=prof)`` fills ``prof.records`` (one dict of part -> seconds per step);
     ``with prof.hooks(model):`` splits the DiT forwards by forward hooks on the model: calls with
-    ``return_kv=True`` are the KV update (clean re-run; also the anchor prefill, which happens at start-up),
+    ``kv=True`` are the KV update (clean re-run; also the anchor prefill, which happens at start-up),
     the rest the window forward(s).  On CUDA every boundary synchronizes, so parts are exact but the
     host cannot run ahead of the GPU while profiling."""
 
@@ -65,7 +65,7 @@ class StepProfiler:
             self._t0.append(self._now())
 
         def post(module, args, kwargs, out):
-            self.add("kv" if kwargs.get("return_kv") else "dit", self._now() - self._t0.pop())
+            self.add("kv" if kwargs.get("kv") else "dit", self._now() - self._t0.pop())
 
         handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
                    model.register_forward_hook(post, with_kwargs=True)]

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .model import WanDiT, i2v_input
+from .model import WanDiT
 from .schedule import StreamStep, WindowSchedule, add_noise, flow_to_x0
 from .stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
 from .units import block_latent_frames
@@ -88,7 +88,7 @@ class StreamingSampler:
             sigma = torch.tensor([sch.sigmas[l] for l in levels for _ in range(B)], device=model.device)
             t, sigma = t.expand(self.batch, -1), sigma.expand(self.batch, -1)
             with torch.set_grad_enabled(grad):
-                flow = model(i2v_input(x, self.ref, first), t, audio, cache=self.cache)
+                flow = model.window(x, self.ref, t, audio, self.cache)
                 pred = flow_to_x0(x, flow, sigma)
             for i, (blk, level) in enumerate(zip(step.blocks, levels)):
                 x0[blk] = pred[:, :, i * B:(i + 1) * B]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import KV, RotaryEmbedding, apply_rope
-from .model import WanDiT, i2v_input
+from .model import WanDiT
 from .schedule import WindowSchedule, add_noise
 
 
@@ -63,7 +63,8 @@ class StreamCache:
 
     anchor:   pre-RoPE K/V of the reference frame (one prefill at t=0 with zero audio)
     temporal: pre-RoPE K/V of the most recently emitted clean frames (<= temporal_frames)
-    text:     cross-attention K/V of the prompt, computed once per stream
+    text:     the prompt: its per-block cross-attention K/V, computed once per stream (inference), or its
+              embeddings [batch, L, text_dim], projected at every forward (training, with grad)
     next_frame: absolute latent index of the frame right after the temporal cache (= the window start)
     """
 
@@ -167,8 +168,8 @@ class StreamCache:
         for kv in (self.anchor, self.temporal):
             if kv is not None:
                 total += sum(t.numel() * t.element_size() for t in kv.k + kv.v)
-        if self.text is not None:
-            total += sum(t.numel() * t.element_size() for kv in self.text for t in kv)
+        text = [self.text] if isinstance(self.text, torch.Tensor) else [t for kv in self.text or [] for t in kv]
+        total += sum(t.numel() * t.element_size() for t in text)
         return total
 
 
@@ -189,19 +190,15 @@ class NoiseSource:
 
 
 @torch.no_grad()
-def prefill_anchor(model: WanDiT, cache: StreamCache, ref: torch.Tensor, audio: torch.Tensor | None = None,
-                   text=None) -> None:
+def prefill_anchor(model: WanDiT, cache: StreamCache, ref: torch.Tensor, audio: torch.Tensor | None = None) -> None:
     """Style anchor: the reference frame [batch, z, 1, h, w] at t = 0, with zero audio (``audio`` only for the
-    anchor-audio ablation); ``text`` defaults to the cache's prompt K/V."""
-    t = torch.zeros(ref.shape[0], 1, device=model.device)
-    _, kv = model(i2v_input(ref, ref, 0), t, audio, cache.text if text is None else text, return_kv=True,
-                  skip_head=True)
-    cache.anchor = kv
+    anchor-audio ablation)."""
+    cache.anchor = model.reference_kv(ref, audio, cache)
 
 
 @torch.no_grad()
 def write_temporal(model: WanDiT, cache: StreamCache, schedule: WindowSchedule, ref: torch.Tensor, block: int,
-                   clean: torch.Tensor, audio: torch.Tensor | None, noise: NoiseSource, text=None) -> None:
+                   clean: torch.Tensor, audio: torch.Tensor | None, noise: NoiseSource) -> None:
     """Clean re-run of emitted block ``block`` (x0 [batch, z, block_frames, h, w], its first latent frame is
     ``cache.next_frame``) at t = ``context_noise``; its K/V become the newest temporal frames."""
     if not cache.cfg.temporal_anchor or cache.cfg.temporal_frames <= 0:
@@ -213,6 +210,5 @@ def write_temporal(model: WanDiT, cache: StreamCache, schedule: WindowSchedule, 
         x = add_noise(clean, noise(block, -1, clean.shape), float(schedule.noise.sigma(tc)))
     t = torch.full((clean.shape[0], clean.shape[2]), tc, device=model.device)
     with cache.clean_rerun():
-        _, kv = model(i2v_input(x, ref, cache.next_frame), t, audio, cache.text if text is None else text,
-                      cache=cache, return_kv=True, skip_head=True)
+        kv = model.window_kv(x, ref, t, audio, cache)
     cache.push_temporal(kv)

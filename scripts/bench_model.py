@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from avatarforcing.stream_state import CacheConfig, write_temporal  # noqa: E402
-from avatarforcing.model import PRESETS, DiTConfig, build_model, i2v_input  # noqa: E402
+from avatarforcing.model import PRESETS, DiTConfig, build_model  # noqa: E402
 from avatarforcing.sampler import StreamingSampler  # noqa: E402
 from avatarforcing.schedule import WindowSchedule  # noqa: E402
 
@@ -74,14 +74,14 @@ def measure_tiny(repeats: int, positions=(1, 101, 10_001), latent_hw=(8, 8)) -> 
         with torch.no_grad():
             write_temporal(model, smp.cache, smp.schedule, smp.ref, 0, torch.randn(1, 16, 4, h, w), None,
                            smp.noise)   # a full temporal cache
-            x = i2v_input(torch.randn(1, 16, 16, h, w), ref, pos + 4)
+            x = torch.randn(1, 16, 16, h, w)
             t = torch.tensor([[555.56] * 4 + [769.23] * 4 + [952.38] * 4 + [1000.0] * 4])
             for _ in range(3):
-                model(x, t, None, cache=smp.cache)
+                model.window(x, ref, t, None, smp.cache)
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                model(x, t, None, cache=smp.cache)
+                model.window(x, ref, t, None, smp.cache)
                 times.append((time.perf_counter() - t0) * 1e3)
         rows.append({"stream_frame": pos, "window_forward_ms_median": statistics.median(times),
                      "rss_mib": proc.memory_info().rss / 2 ** 20, "kv_cache_bytes": smp.cache.nbytes()})

@@ -74,5 +74,5 @@ def full_window_forward(model, ref, text, clean_blocks, window, t_window, audio_
             allowed[gi] = [gi]
     h, w = window.shape[-2:]
     mask = frame_mask([1] * total, allowed, model.tokens_per_frame(h, w))
-    out = model(x, t, audio, text, frame_pos=torch.tensor(pos), mask=mask)
+    out, _ = model(x, t, audio, text, torch.tensor(pos), None, mask)     # WanDiT.forward: x is built here
     return out[:, :, -Fw:]

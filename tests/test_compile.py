@@ -159,9 +159,9 @@ def test_compile_keeps_eager_paths_uncompiled(inductor_fp32):
     """Forwards without a cache (teacher, anchor prefill, masks) never reach the compiled function."""
     model = inductor_fp32[0]
     calls = core_calls(model)
-    x = torch.randn(1, model.cfg.in_dim, 2, H, W)
+    x = torch.randn(1, 16, 2, H, W)
     with torch.no_grad():
-        out = model(x, torch.tensor([[500.0, 500.0]]), None, torch.randn(1, 8, model.cfg.text_dim))
+        out = model.clip(x, x[:, :, :1], torch.tensor([[500.0, 500.0]]), None, torch.randn(1, 8, model.cfg.text_dim))
     assert out.shape == (1, 16, 2, H, W) and calls[0] == 0
 
 

@@ -4,7 +4,6 @@ import torch
 
 from avatarforcing.attention import KV, block_causal_groups, frame_mask
 from avatarforcing.stream_state import prefill_anchor, write_temporal
-from avatarforcing.model import i2v_input
 from avatarforcing.sampler import StreamingSampler
 from avatarforcing.schedule import WindowSchedule, add_noise
 from helpers import cache_cfg, random_tiny_model
@@ -51,7 +50,8 @@ def test_cached_window_equals_masked_full_forward(case):
         if not cfg.zero_anchor_audio:
             prefill_anchor(model, smp.cache, smp.ref, audio[:, first:first + 1])
         with torch.no_grad():
-            cached = model(i2v_input(window, ref, first), t, audio[:, first:first + 3 * Bf], cache=smp.cache)
+            assert smp.cache.next_frame == first
+            cached = model.window(window, ref, t, audio[:, first:first + 3 * Bf], smp.cache)
             full = full_window_forward(model, ref, text, clean_blocks, window, t, audio, cfg, Bf)
         torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
         # emit a clean block: the sampler's clean re-run writes the temporal cache
@@ -78,51 +78,70 @@ def test_relative_positions_make_streams_unbounded():
         smp.cache.next_frame = start - 2          # pretend the stream has already emitted start-3 frames
         write_temporal(model, smp.cache, sch, smp.ref, 0, clean, None, smp.noise)
         with torch.no_grad():
-            outs[start] = model(i2v_input(window, ref, start), t, None, cache=smp.cache)
+            outs[start] = model.window(window, ref, t, None, smp.cache)
     torch.testing.assert_close(outs[1], outs[21])
     torch.testing.assert_close(outs[1], outs[5001])
     # without re-indexing the anchor drifts away: outputs change with stream position, but still run
     smp = StreamingSampler(model, sch, cache_cfg(rope_reindex=False), ref, text)
     smp.cache.next_frame = 5001
     with torch.no_grad():
-        far = model(i2v_input(window, ref, 5001), t, None, cache=smp.cache)
+        far = model.window(window, ref, t, None, smp.cache)
     assert torch.isfinite(far).all() and not torch.allclose(far, outs[1], atol=1e-4)
 
 
 def test_rope_depends_only_on_relative_positions():
     model, ref, text, audio, g = _setup()
-    x = torch.randn(1, 33, 3, H, W, generator=g)
+    x = torch.randn(1, 16, 3, H, W, generator=g)
     t = torch.tensor([[100.0, 500.0, 900.0]])
     with torch.no_grad():
-        a = model(x, t, audio[:, :3], text, frame_pos=torch.arange(3))
-        b = model(x, t, audio[:, :3], text, frame_pos=torch.arange(3) + 4000)
-        c = model(x, t, audio[:, :3], text, frame_pos=torch.tensor([0, 2, 4]))
+        a = model.clip(x, ref, t, audio[:, :3], text, frame_pos=torch.arange(3))
+        b = model.clip(x, ref, t, audio[:, :3], text, frame_pos=torch.arange(3) + 4000)
+        c = model.clip(x, ref, t, audio[:, :3], text, frame_pos=torch.tensor([0, 2, 4]))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(a, c, atol=1e-4)
 
 
-def test_per_frame_timesteps_and_text_kv_cache():
+def test_per_frame_timesteps():
     model, ref, text, audio, g = _setup()
-    x = torch.randn(2, 33, 3, H, W, generator=g)
+    x = torch.randn(2, 16, 3, H, W, generator=g)
+    ref2, text2 = ref.expand(2, -1, -1, -1, -1), text.expand(2, -1, -1)
     with torch.no_grad():
-        scalar = model(x, torch.tensor([300.0, 300.0]), None, text.expand(2, -1, -1))
-        per_frame = model(x, torch.full((2, 3), 300.0), None, model.text_kv(text.expand(2, -1, -1)))
-        mixed = model(x, torch.tensor([[300.0, 300.0, 900.0]] * 2), None, text.expand(2, -1, -1))
+        scalar = model.clip(x, ref2, torch.tensor([300.0, 300.0]), None, text2)
+        per_frame = model.clip(x, ref2, torch.full((2, 3), 300.0), None, text2)
+        mixed = model.clip(x, ref2, torch.tensor([[300.0, 300.0, 900.0]] * 2), None, text2)
     torch.testing.assert_close(scalar, per_frame)
     assert not torch.allclose(scalar[:, :, 2], mixed[:, :, 2], atol=1e-4)
+
+
+def test_cache_text_as_embeddings_or_kv():
+    """A cache may hold the prompt's embeddings (projected at every forward, as training does) or their
+    cross-attention K/V computed once (inference): the same streaming outputs either way."""
+    model, ref, text, audio, g = _setup()
+    sch = WindowSchedule([1000, 500], block_frames=2)
+    window = torch.randn(1, 16, 4, H, W, generator=g)
+    t = torch.tensor([[700.0] * 2 + [1000.0] * 2])
+    outs = []
+    for prompt in (text, model.text_kv(text)):
+        smp = StreamingSampler(model, sch, cache_cfg(), ref, text)
+        smp.cache.text = prompt
+        prefill_anchor(model, smp.cache, smp.ref)
+        write_temporal(model, smp.cache, sch, smp.ref, 0, window[:, :, :2], None, smp.noise)
+        with torch.no_grad():
+            outs.append(model.window(window, ref, t, audio[:, 3:7], smp.cache))
+    torch.testing.assert_close(outs[0], outs[1])
 
 
 def test_audio_is_injected_per_frame():
     """With frames isolated by the mask, changing frame 1's audio changes only frame 1's output."""
     model, ref, text, audio, g = _setup()
-    x = torch.randn(1, 33, 3, H, W, generator=g)
+    x = torch.randn(1, 16, 3, H, W, generator=g)
     t = torch.full((1, 3), 500.0)
     mask = frame_mask([1, 1, 1], [[0], [1], [2]], model.tokens_per_frame(H, W))
     a2 = audio[:, :3].clone()
     a2[:, 1] += 1.0
     with torch.no_grad():
-        base = model(x, t, audio[:, :3], text, mask=mask)
-        moved = model(x, t, a2, text, mask=mask)
+        base = model.clip(x, ref, t, audio[:, :3], text, mask=mask)
+        moved = model.clip(x, ref, t, a2, text, mask=mask)
     diff = (base - moved).abs().amax(dim=(0, 1, 3, 4))
     assert diff[1] > 1e-3 and diff[0] == 0 and diff[2] == 0
     assert model.cfg.audio_block_ids == [1, 2]
@@ -137,7 +156,7 @@ def test_real_config_audio_layers():
 
 def test_block_causal_mask_hides_the_future():
     model, ref, text, audio, g = _setup()
-    x = torch.randn(1, 33, 5, H, W, generator=g)
+    x = torch.randn(1, 16, 5, H, W, generator=g)
     t = torch.full((1, 5), 400.0)
     groups, allowed = block_causal_groups(5, 2)
     assert groups == [1, 2, 2] and allowed == [[0], [0, 1], [0, 1, 2]]
@@ -145,21 +164,21 @@ def test_block_causal_mask_hides_the_future():
     x2 = x.clone()
     x2[:, :, 3:] += 1.0
     with torch.no_grad():
-        a = model(x, t, audio[:, :5], text, mask=mask)
-        b = model(x2, t, audio[:, :5], text, mask=mask)
+        a = model.clip(x, ref, t, audio[:, :5], text, mask=mask)
+        b = model.clip(x2, ref, t, audio[:, :5], text, mask=mask)
     torch.testing.assert_close(a[:, :, :3], b[:, :, :3])
     assert not torch.allclose(a[:, :, 3:], b[:, :, 3:])
 
 
 def test_gradient_checkpointing_same_gradients():
     model, ref, text, audio, g = _setup()
-    x = torch.randn(1, 33, 2, H, W, generator=g)
+    x = torch.randn(1, 16, 2, H, W, generator=g)
     t = torch.full((1, 2), 400.0)
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
         model.cfg.gradient_checkpointing = ckpt
-        model(x, t, audio[:, :2], text).square().mean().backward()
+        model.clip(x, ref, t, audio[:, :2], text).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     model.cfg.gradient_checkpointing = False
     torch.testing.assert_close(grads[0], grads[1])
@@ -169,9 +188,9 @@ def test_tokens_per_frame_from_resolution():
     model, *_ = _setup()
     assert model.tokens_per_frame(60, 104) == 1560       # 480x832 video
     assert model.tokens_per_frame(64, 64) == 1024
-    x = torch.randn(1, 33, 1, 6, 10)
+    x = torch.randn(1, 16, 1, 6, 10)
     with torch.no_grad():
-        assert model(x, torch.zeros(1, 1), None, torch.zeros(1, 4, model.cfg.text_dim)).shape == (1, 16, 1, 6, 10)
+        assert model.clip(x, x, torch.zeros(1, 1), None, torch.zeros(1, 4, model.cfg.text_dim)).shape == (1, 16, 1, 6, 10)
 
 
 def test_kv_tail_keeps_budget():

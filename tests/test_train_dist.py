@@ -23,7 +23,7 @@ from avatarforcing.train.dmd import DMDStage
 from avatarforcing.train.loop import run_stage
 root = sys.argv[1]
 def cfg(out, *extra):
-    return load_config("configs/train_dmd_tiny.yaml", [f"data.shards={root}/shards", f"dmd.teacher={root}/teacher.pt",
+    return load_config("configs/train_dmd_tiny.yaml", [f"dmd.data={root}/shards", f"dmd.teacher={root}/teacher.pt",
         f"train.output_dir={root}/{out}", "train.steps=3", "train.save_every=0", "train.progress=false",
         "dmd.critic_updates=1", *extra])
 run_stage(DMDStage, cfg("ddp", "train.trace=true"))

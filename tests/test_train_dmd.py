@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from avatarforcing import AvatarForcingError
 from avatarforcing.stream_state import CacheConfig, NoiseSource
 from avatarforcing.config import load_config
 from avatarforcing.model import PRESETS
@@ -79,7 +80,7 @@ def dmd_world(tmp_path_factory):
 
 def dmd_cfg(root, out, *extra):
     return load_config("configs/train_dmd_tiny.yaml", [
-        f"data.shards={root / 'shards'}", f"dmd.teacher={root / 'teacher.pt'}", f"dmd.generator={root / 'student.pt'}",
+        f"dmd.data={root / 'shards'}", f"dmd.teacher={root / 'teacher.pt'}", f"dmd.generator={root / 'student.pt'}",
         f"train.output_dir={out}", "train.progress=false", *extra])
 
 
@@ -114,3 +115,12 @@ def test_memory_model_of_the_1p3b_dmd_stage():
     assert 1.3e9 < one["params"] < 1.5e9
     assert one["generator_states"] == pytest.approx(16 * one["params"] / 2 ** 30)
     assert eight["total"] < one["total"] / 2 and one["total"] > 40
+
+
+def test_dmd_data_defaults_to_the_ode_store():
+    """dmd.data is ${data.ode} unless set; neither set is a one-line error naming the key."""
+    cfg = load_config("configs/train_dmd_tiny.yaml", ["data.ode=/some/ode_store"])
+    assert cfg.dmd.data == "/some/ode_store"
+    assert load_config("configs/train_dmd_tiny.yaml", ["data.ode=a", "dmd.data=b"]).dmd.data == "b"
+    with pytest.raises(AvatarForcingError, match=r"dmd.data is not set .*dmd.data=<ODE store or shards folder>"):
+        DMDStage(load_config("configs/train_dmd_tiny.yaml"), None)

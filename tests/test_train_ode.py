@@ -68,9 +68,8 @@ def test_stored_states_lie_on_the_teacher_trajectory(world):
     noise = torch.randn((1, 16, 7, 8, 8), generator=g)
     grid, sigmas = backfill_grid(cfg)
     null = D.read_null_text(world / "shards", 8, 32)
-    with torch.no_grad():
-        kv = teacher.text_kv(guidance_text(D.pad_text(s["text"], 8)[None], null["negative"], 2))
-    clean, states = euler_sample(teacher, noise, s["ref"][None], s["audio"][None], kv, grid, 2.0, 2.0, record=sigmas)
+    text = guidance_text(D.pad_text(s["text"], 8)[None], null["negative"], 2)
+    clean, states = euler_sample(teacher, noise, s["ref"][None], s["audio"][None], text, grid, 2.0, 2.0, record=sigmas)
     torch.testing.assert_close(torch.stack([x[0] for x in states]), s["trajectory"], atol=1e-5, rtol=0)
     torch.testing.assert_close(clean[0], s["clean"], atol=1e-5, rtol=0)
     assert torch.equal(s["trajectory"][0, :, 1:], noise[0, :, 1:])            # level 0 = t 1000 = the noise
@@ -122,7 +121,7 @@ def test_ode_context_reproduces_the_streaming_sampler_exactly():
             with torch.no_grad():
                 cache = build_cache(model, cc, sch, ref, text, clean, audio, step.blocks[0], context_blocks=nb,
                                     noise=noise)   # the stream's noise: the re-runs see the same noisy context
-                mine = window_x0(model, cache, sch, step, x, t, sigma, ref, audio, text)
+                mine = window_x0(model, cache, sch, step, x, t, sigma, ref, audio)
                 out = sampler.step()
             theirs = torch.cat([out["x0"][b] for b in step.blocks], 2)
             torch.testing.assert_close(mine, theirs.float(), atol=2e-5, rtol=0)

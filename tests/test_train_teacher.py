@@ -42,10 +42,9 @@ def test_cfg_combines_three_passes():
         v2 = guided_flow(model, x, t, ref, audio, guidance_text(text, neg, 2), 3.0, 3.0)
         a0 = audio.clone()
         a0[:, 0] = 0
-        from avatarforcing.model import i2v_input
-        c = model(i2v_input(x, ref, 0), t, a0, text)
-        m = model(i2v_input(x, ref, 0), t, torch.zeros_like(a0), text)
-        u = model(i2v_input(x, ref, 0), t, torch.zeros_like(a0), neg[None])
+        c = model.clip(x, ref, t, a0, text)
+        m = model.clip(x, ref, t, torch.zeros_like(a0), text)
+        u = model.clip(x, ref, t, torch.zeros_like(a0), neg[None])
     torch.testing.assert_close(v3, u + 3.0 * (m - u) + 2.0 * (c - m), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v2, u + 3.0 * (c - u), atol=1e-5, rtol=1e-5)
 

@@ -93,9 +93,9 @@ class DMDStage(Stage):
     def __init__(self, cfg, trainer):
         self.cfg, self.tr = cfg, trainer
         dc = cfg.dmd
-        src = dc.data or cfg.data.ode or cfg.data.shards
+        src = dc.data
         if not src:
-            raise AvatarForcingError("DMD needs conditioning samples: set dmd.data, data.ode or data.shards")
+            raise AvatarForcingError("dmd.data is not set (default: data.ode); pass dmd.data=<ODE store or shards folder>")
         if not dc.teacher:
             raise AvatarForcingError("dmd.teacher is not set; pass dmd.teacher=<teacher checkpoint> (real score, critic init)")
         self.schedule = WindowSchedule.from_config(cfg.schedule)
@@ -105,8 +105,7 @@ class DMDStage(Stage):
         self.data = D.BatchStream(ds, cfg.train.batch_size, rank=trainer.rank, world=trainer.world, seed=cfg.seed,
                                   prefetch=cfg.data.prefetch)
         self.null = D.read_null_text(src, cfg.model.text_len, cfg.model.text_dim, allow_zeros=cfg.text.encoder == "none")
-        self.gs = float(dc.guidance_scale if dc.guidance_scale is not None else cfg.teacher.guidance_scale)
-        self.ags = float(dc.audio_guidance_scale if dc.audio_guidance_scale is not None else cfg.teacher.audio_guidance_scale)
+        self.gs, self.ags = float(cfg.teacher.guidance_scale), float(cfg.teacher.audio_guidance_scale)   # real score
         gen_init = dc.generator or dc.teacher
         gen = build_dit(cfg, gen_init, use_ema=dc.generator_ema if dc.generator else dc.teacher_ema, what="generator")
         critic = build_dit(cfg, dc.teacher, use_ema=dc.teacher_ema, what="critic")

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import AvatarForcingError
-from ..model import i2v_input
 from ..schedule import StreamStep, WindowSchedule, flow_to_x0
 from ..stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
 from ..units import block_latent_frames, stable_seed
@@ -110,10 +109,9 @@ def backfill(cfg, rank: int = 0, world: int = 1, device=None, progress: bool = T
         text = D.pad_text(s["text"].float(), int(cfg.model.text_len))[None].to(device)
         g = torch.Generator().manual_seed(stable_seed(int(cfg.seed), sample_id))
         noise = torch.randn((1,) + tuple(lat.shape), generator=g).to(device)
-        with torch.no_grad():
-            text_kv = teacher.text_kv(guidance_text(text, null["negative"].to(device), passes))
+        text = guidance_text(text, null["negative"].to(device), passes)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else None
-        clean, states = euler_sample(teacher, noise, ref, audio, text_kv, grid, gs, ags, record=sigmas,
+        clean, states = euler_sample(teacher, noise, ref, audio, text, grid, gs, ags, record=sigmas,
                                      num_train_timesteps=sch.noise.num_train_timesteps, autocast=autocast)
         D.write_sample(out, {
             "trajectory": torch.stack([x[0] for x in states]), "timesteps": torch.tensor(sch.timesteps, dtype=torch.float64),
@@ -152,12 +150,13 @@ def build_cache(model, cache_cfg: CacheConfig, schedule: WindowSchedule, ref: to
                 noise: NoiseSource | None = None) -> StreamCache:
     """The inference cache before the step whose oldest block is ``first_block``, from a clean history.
 
-    ``clean`` [B, C, F, h, w] holds the emitted blocks (absolute frames); ``text`` is passed to every forward;
+    ``clean`` [B, C, F, h, w] holds the emitted blocks (absolute frames); ``text`` (prompt embeddings) is kept
+    in the cache and projected by every forward, with grad where the forward has it;
     ``noise`` noises the re-runs when ``context_noise`` > 0 (level -1 of the block, as at inference).  The
     anchor prefill and the clean re-runs are the sampler's own (avatarforcing/stream_state.py)."""
     B = schedule.B
     h, w = ref.shape[-2:]
-    cache = StreamCache(cache_cfg, model.tokens_per_frame(h, w), (h, w), text=None)
+    cache = StreamCache(cache_cfg, model.tokens_per_frame(h, w), (h, w), text=text)
     temporal = cache_cfg.temporal_anchor and cache_cfg.temporal_frames > 0
     start = max(0, first_block - int(context_blocks)) if temporal else first_block
     cache.next_frame = block_latent_frames(start, B)[0]
@@ -165,15 +164,15 @@ def build_cache(model, cache_cfg: CacheConfig, schedule: WindowSchedule, ref: to
     anchor_audio = not cache_cfg.zero_anchor_audio      # ablation: the anchor takes the window's first frame
 
     if cache_cfg.style_anchor:
-        prefill_anchor(model, cache, ref, None, text)
+        prefill_anchor(model, cache, ref)
     for b in range(start, first_block):
         f0, f1 = block_latent_frames(b, B)
         if cache_cfg.style_anchor and anchor_audio:
-            prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1), text)
-        write_temporal(model, cache, schedule, ref, b, clean[:, :, f0:f1], _audio_slice(audio, f0, f1), noise, text)
+            prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1))
+        write_temporal(model, cache, schedule, ref, b, clean[:, :, f0:f1], _audio_slice(audio, f0, f1), noise)
     if cache_cfg.style_anchor and anchor_audio:
         f0 = block_latent_frames(first_block, B)[0]
-        prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1), text)
+        prefill_anchor(model, cache, ref, _audio_slice(audio, f0, f0 + 1))
     return cache
 
 
@@ -193,11 +192,11 @@ def window_inputs(schedule: WindowSchedule, step: StreamStep, pass_index: int, t
 
 
 def window_x0(model, cache: StreamCache, schedule: WindowSchedule, step: StreamStep, x: torch.Tensor, t, sigma,
-              ref, audio, text) -> torch.Tensor:
+              ref, audio) -> torch.Tensor:
     """The student's x0 of a window (one forward with the cache), float32."""
     f0 = block_latent_frames(step.blocks[0], schedule.B)[0]
     f1 = block_latent_frames(step.blocks[-1], schedule.B)[1]
-    flow = model(i2v_input(x, ref, f0), t, _audio_slice(audio, f0, f1), text, cache=cache)
+    flow = model.window(x, ref, t, _audio_slice(audio, f0, f1), cache)
     return flow_to_x0(x.float(), flow.float(), sigma)
 
 
@@ -249,7 +248,7 @@ class ODEStage(Stage):
             cache = build_cache(model, self.cache_cfg, self.schedule, ref, text, clean, audio, first,
                                 int(self.cfg.ode.context_blocks), NoiseSource(seed, dev))
             x, t, sigma = window_inputs(self.schedule, step, pass_index, traj)
-            x0 = window_x0(model, cache, self.schedule, step, x, t, sigma, ref, audio, text)
+            x0 = window_x0(model, cache, self.schedule, step, x, t, sigma, ref, audio)
         f0 = block_latent_frames(step.blocks[0], self.schedule.B)[0]
         f1 = block_latent_frames(step.blocks[-1], self.schedule.B)[1]
         return F.mse_loss(x0, clean[:, :, f0:f1].float())

@@ -2,7 +2,7 @@
 
 The teacher is the same :class:`~avatarforcing.model.WanDiT` as the student, run over a whole latent clip
 without a cache.  Frame 0 is the reference latent, kept clean (t = 0, mask channel 0 via
-``i2v_input(x, ref, first_frame=0)``, zero audio); frames 1.. are noised at one timestep per sample and
+:meth:`WanDiT.clip`, zero audio); frames 1.. are noised at one timestep per sample and
 the target is the flow v = eps - x0 on frames 1.. (docs/spec.md sections 2, 3, 6).
 
 CFG (:func:`guided_flow`) combines up to three passes: c = (text, audio), m = (text, zero audio) and
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import AvatarForcingError
-from ..model import i2v_input
 from ..schedule import NoiseSchedule, add_noise, flow_to_x0, shift_sigma
 from .stage import Stage
 
@@ -56,7 +55,7 @@ def noised_clip(x0: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, noise: tor
 
 def clip_flow(model, x_t: torch.Tensor, t_frames: torch.Tensor, ref: torch.Tensor, audio, text) -> torch.Tensor:
     """The teacher / critic forward over a whole clip (bidirectional attention)."""
-    return model(i2v_input(x_t, ref, 0), t_frames, zero_ref_audio(audio), text)
+    return model.clip(x_t, ref, t_frames, zero_ref_audio(audio), text)
 
 
 def flow_matching_loss(model, x0: torch.Tensor, ref: torch.Tensor, audio, text, t: torch.Tensor,
@@ -96,17 +95,17 @@ def guidance_text(text: torch.Tensor, negative: torch.Tensor, passes: int) -> to
 
 def guided_flow(model, x_t: torch.Tensor, t_frames: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None,
                 text, guidance_scale: float, audio_guidance_scale: float) -> torch.Tensor:
-    """CFG flow of the teacher.  ``text`` is :func:`guidance_text`'s stacked embeddings or its ``text_kv``."""
+    """CFG flow of the teacher.  ``text`` is :func:`guidance_text`'s stacked embeddings."""
     passes = guidance_passes(guidance_scale, audio_guidance_scale)
     B = x_t.shape[0]
     audio = zero_ref_audio(audio) if audio is not None else torch.zeros(
         B, x_t.shape[2], model.cfg.audio_dim, device=x_t.device)
     if passes == 1:
-        return model(i2v_input(x_t, ref, 0), t_frames, audio, text).float()
+        return model.clip(x_t, ref, t_frames, audio, text).float()
     zeros = torch.zeros_like(audio)
     audios = [audio, zeros] if passes == 2 else [audio, zeros, zeros]
-    out = model(i2v_input(x_t.repeat(passes, 1, 1, 1, 1), ref.repeat(passes, 1, 1, 1, 1), 0),
-                t_frames.repeat(passes, 1), torch.cat(audios), text).float()
+    out = model.clip(x_t.repeat(passes, 1, 1, 1, 1), ref.repeat(passes, 1, 1, 1, 1), t_frames.repeat(passes, 1),
+                     torch.cat(audios), text).float()
     if passes == 2:
         c, u = out.chunk(2)
         return u + guidance_scale * (c - u)
@@ -141,12 +140,13 @@ def sigma_grid(num_steps: int, shift: float, required: list[float], tol: float =
 
 
 @torch.no_grad()
-def euler_sample(model, noise: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None, text_kv, grid: list[float],
+def euler_sample(model, noise: torch.Tensor, ref: torch.Tensor, audio: torch.Tensor | None, text, grid: list[float],
                  guidance_scale: float, audio_guidance_scale: float, record: list[float] = (),
                  num_train_timesteps: int = 1000, autocast=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Teacher Euler ODE sampling from ``noise`` (frames 1..; frame 0 is set to ``ref``) along ``grid``.
 
-    Returns the clean endpoint [B, C, F, h, w] and the states at each sigma of ``record`` (which must lie
+    ``text``: :func:`guidance_text`'s stacked prompt embeddings.  Returns the clean endpoint [B, C, F, h, w]
+    and the states at each sigma of ``record`` (which must lie
     on the grid: build it with :func:`sigma_grid`)."""
     index = {s: i for i, s in enumerate(grid)}
     missing = [s for s in record if float(s) not in index]
@@ -163,7 +163,7 @@ def euler_sample(model, noise: torch.Tensor, ref: torch.Tensor, audio: torch.Ten
         tf = frame_timesteps(t, Fn)
         ctx = autocast() if autocast is not None else torch.autocast(x.device.type, enabled=False)
         with ctx:
-            v = guided_flow(model, x, tf, ref, audio, text_kv, guidance_scale, audio_guidance_scale)
+            v = guided_flow(model, x, tf, ref, audio, text, guidance_scale, audio_guidance_scale)
         x = with_reference(x + (s_next - s) * v.float(), ref.float())
     if len(grid) - 1 in want:
         states[want[len(grid) - 1]] = x.clone()

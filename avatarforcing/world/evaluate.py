@@ -191,13 +191,13 @@ def rollout_teacher(cfg, teacher_ckpt, case: Case, steps: int | None = None, gui
         passes = guidance_passes(gs, ags)
         text = pipe.encode_prompts([""])
         negative = pipe.encode_prompts([str(cfg.teacher.negative_prompt)])[0]
-        text_kv = model.text_kv(guidance_text(text, negative, passes))
+        text = guidance_text(text, negative, passes)
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn((1, ref.shape[1], num_latent, *ref.shape[-2:]), generator=g).to(dev, dtype)
         grid = sigma_grid(steps, shift, [])
         sync()
         t1 = time.perf_counter()
-        x, _ = euler_sample(model, noise, ref, audio, text_kv, grid, gs, ags,
+        x, _ = euler_sample(model, noise, ref, audio, text, grid, gs, ags,
                             num_train_timesteps=pipe.schedule.noise.num_train_timesteps)
         sync()
         t2 = time.perf_counter()
