@@ -324,28 +324,35 @@ class WanDiT(nn.Module):
 
         noisy [B, 16, F, h, w] starts at absolute latent frame ``cache.next_frame``; t [B, F]; audio
         [B, F, audio_dim] or None; the prompt's K/V come from the cache.  Returns [B, 16, F, h, w]."""
-        x = i2v_input(noisy, ref, cache.next_frame)
-        ctx = cache.rotated_context(self.rope, *self._grid(x), self.device)
-        steady = cache.steady_layout(x.shape[2])
-        flow, _ = self(x, t, audio, cache.text, cache.window_positions(x.shape[2]), ctx, compiled=steady)
-        return flow
+        return self.run(self.window_call(noisy, ref, t, audio, cache))[0]
 
     def window_kv(self, clean: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
                   cache: StreamCache) -> KV:
         """The clean re-run: pre-RoPE K/V of an emitted block (frames from ``cache.next_frame``) attending to
         the cache, for the temporal cache (no output head).  Call inside ``cache.clean_rerun()``."""
-        x = i2v_input(clean, ref, cache.next_frame)
-        ctx = cache.rotated_context(self.rope, *self._grid(x), self.device)
-        steady = cache.steady_layout(x.shape[2])
-        _, kv = self(x, t, audio, cache.text, cache.window_positions(x.shape[2]), ctx, kv=True, compiled=steady)
-        return kv
+        return self.run(self.window_call(clean, ref, t, audio, cache, kv=True))[1]
 
     def reference_kv(self, ref: torch.Tensor, audio: torch.Tensor | None, cache: StreamCache) -> KV:
         """The style anchor: pre-RoPE K/V of the reference frame [B, 16, 1, h, w] at t = 0 on its own
         (frame position 0, no context); ``audio`` [B, 1, audio_dim] or None (zeros, as the paper)."""
+        return self.run(self.reference_call(ref, audio, cache))[1]
+
+    # The streaming uses as ForwardCalls: the arguments of one forward, which avatarforcing/multistream.py
+    # stacks over several streams into one batched forward.
+    def window_call(self, noisy, ref, t, audio, cache: StreamCache, kv: bool = False) -> "ForwardCall":
+        x = i2v_input(noisy, ref, cache.next_frame)
+        ctx = cache.rotated_context(self.rope, *self._grid(x), self.device)
+        steady = cache.steady_layout(x.shape[2])
+        return ForwardCall(x, self._frame_t(t, x), audio, cache.text, cache.window_positions(x.shape[2]), ctx,
+                           kv=kv, compiled=steady)
+
+    def reference_call(self, ref, audio, cache: StreamCache) -> "ForwardCall":
         t = torch.zeros(ref.shape[0], 1, device=self.device)
-        _, kv = self(i2v_input(ref, ref, 0), t, audio, cache.text, torch.arange(1), None, kv=True)
-        return kv
+        return ForwardCall(i2v_input(ref, ref, 0), t, audio, cache.text, torch.arange(1), None, kv=True)
+
+    def run(self, call: "ForwardCall") -> tuple[torch.Tensor | None, KV | None]:
+        return self(call.x, call.t, call.audio, call.text, call.frame_pos, call.ctx, kv=call.kv,
+                    compiled=call.compiled)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
@@ -479,6 +486,19 @@ class _CompiledCore:
             out = None if out is None else out.clone()
             ks, vs = [k.clone() for k in ks], [v.clone() for v in vs]
         return out, ks, vs
+
+
+@dataclass
+class ForwardCall:
+    """The arguments of one :meth:`WanDiT.forward` (see there): a streaming use prepared for running."""
+    x: torch.Tensor                      # [B, in_dim, F, H, W]
+    t: torch.Tensor                      # [B, F]
+    audio: torch.Tensor | None           # [B, F, audio_dim]
+    text: torch.Tensor | list            # prompt embeddings [B, L, text_dim] or per-block (k, v) [B, L, H, D]
+    frame_pos: torch.Tensor              # [F]
+    ctx: list | None                     # per block (rotated k, v) [B, S_c, H, D]
+    kv: bool = False
+    compiled: bool = False
 
 
 def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int) -> torch.Tensor:
