@@ -6,6 +6,7 @@ from avatarforcing import AvatarForcingError
 from avatarforcing.stream_state import CacheConfig, NoiseSource
 from avatarforcing.config import load_config
 from avatarforcing.model import PRESETS
+from avatarforcing.sampler import StreamingSampler
 from avatarforcing.schedule import WindowSchedule
 from avatarforcing.train import data as D
 from avatarforcing.train.dmd import DMDStage, choose_backprop_steps, dmd_gradient, dmd_loss, rollout
@@ -84,8 +85,9 @@ def dmd_cfg(root, out, *extra):
         f"train.output_dir={out}", "train.progress=false", *extra])
 
 
-def test_dmd_trains_from_yaml(dmd_world, tmp_path):
-    cfg = dmd_cfg(dmd_world, tmp_path / "run", "train.steps=6", "train.save_every=0")
+@pytest.mark.parametrize("grad_blocks", ["emitted", "window"])
+def test_dmd_trains_from_yaml(dmd_world, tmp_path, grad_blocks):
+    cfg = dmd_cfg(dmd_world, tmp_path / "run", "train.steps=6", "train.save_every=0", f"dmd.grad_blocks={grad_blocks}")
     tr = Trainer(cfg, "dmd")
     st = DMDStage(cfg, tr)
     batch = D.collate([st.data.ds.get(i) for i in range(2)])
@@ -102,7 +104,7 @@ def test_dmd_trains_from_yaml(dmd_world, tmp_path):
         x_after = st.generate(batch, 0, 0, "eval")
         crit_after = st.critic_loss(x_init, batch, torch.Generator().manual_seed(6)).item()
     gen_after = 0.5 * ((x_after[:, :, 1:] - target) ** 2).mean().item()
-    print(f"DMD critic fixed-batch loss {crit_before:.4f} -> {crit_after:.4f}; "
+    print(f"DMD ({grad_blocks}) critic fixed-batch loss {crit_before:.4f} -> {crit_after:.4f}; "
           f"generator DMD loss to the fixed target {gen_before:.3e} -> {gen_after:.3e}")
     assert crit_after < 0.95 * crit_before
     assert gen_after < gen_before
@@ -124,3 +126,37 @@ def test_dmd_data_defaults_to_the_ode_store():
     assert load_config("configs/train_dmd_tiny.yaml", ["data.ode=a", "dmd.data=b"]).dmd.data == "b"
     with pytest.raises(AvatarForcingError, match=r"dmd.data is not set .*dmd.data=<ODE store or shards folder>"):
         DMDStage(load_config("configs/train_dmd_tiny.yaml"), None)
+
+
+def test_window_grad_blocks_reach_every_window_position():
+    """dmd.grad_blocks=window: the clip ends with the chosen step's x0 of every block in its window, and each of
+    them (every noise level of the window) carries gradient; emitted blocks before it are the rollout's."""
+    cfg = load_config("configs/train_dmd_tiny.yaml")
+    model = random_dit(cfg, 1, head_std=0.05)
+    sch = WindowSchedule.from_config(cfg.schedule)
+    nb, B, L = 4, sch.B, sch.L
+    assert L >= 2
+    g = torch.Generator().manual_seed(0)
+    ref, audio = torch.randn(1, 16, 1, 4, 4, generator=g), torch.randn(1, 1 + nb * B, 256, generator=g)
+    text = torch.randn(1, 8, 32, generator=g)
+    cc = CacheConfig.from_config(cfg.cache)
+    plan = list(sch.plan(nb))
+    step = next(s for s in plan if s.emits == 0)                  # emits block 0, blocks 1..L-1 still noisy
+    x = rollout(model, sch, cc, ref, model.text_kv(text), audio, nb, NoiseSource(0), [step.index], "window")
+    assert x.shape[2] == 1 + len(step.blocks) * B
+    with torch.no_grad():                                         # the same step's predictions, without grad
+        smp = StreamingSampler(model, sch, cc, ref, model.text_kv(text), audio=lambda s, e: audio[:, s:e],
+                               noise=NoiseSource(0), num_blocks=nb)
+        for _ in range(step.index + 1):
+            out = smp.step()
+    want = torch.cat([ref] + [out["x0"][b] for b in step.blocks], 2)
+    torch.testing.assert_close(x.detach(), want)
+    params = list(model.parameters())
+    for j, blk in enumerate(step.blocks):                         # oldest (emitted) to newest (t = 1000)
+        grads = torch.autograd.grad(x[:, :, 1 + blk * B:1 + (blk + 1) * B].square().sum(), params,
+                                    allow_unused=True, retain_graph=True)
+        assert sum(float(gr.abs().sum()) for gr in grads if gr is not None) > 0, f"window position {j}"
+    emitted = rollout(model, sch, cc, ref, model.text_kv(text), audio, nb, NoiseSource(0), [step.index])
+    assert emitted.shape[2] == 1 + nb * B                          # the default is unchanged: all emitted blocks
+    with pytest.raises(AvatarForcingError, match="dmd.grad_blocks"):
+        rollout(model, sch, cc, ref, model.text_kv(text), audio, nb, NoiseSource(0), [step.index], "all")

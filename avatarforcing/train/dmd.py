@@ -10,6 +10,15 @@ block by a generator seeded from (seed, global step, micro-step) only, so every 
 Inside the sampler the window is re-noised from detached predictions, so the gradient of an emitted block
 flows through the forward of the step that emitted it (its last, cleanest window position).
 
+Which blocks the DMD loss reaches (``dmd.grad_blocks``):
+
+* ``emitted`` (default): the clip is [ref | every emitted block]; only the emitted block of a chosen step
+  carries gradient, i.e. the denoiser is trained at the oldest window position (t = 555.6 by default) only.
+* ``window``: the rollout stops after the last chosen step and the clip is [ref | blocks emitted so far |
+  that step's x0 predictions of the blocks still in its window]; every window position, i.e. every noise
+  level of the heterogeneous window, receives DMD gradient (issue: "adapts the denoiser to
+  heterogeneous-noise windows").
+
 Generator loss (:func:`dmd_gradient`, :func:`dmd_loss`): with t ~ shifted uniform clamped to
 [``dmd.t_min``, ``dmd.t_max``] (one t per sample, all frames), x_t = (1 - sigma) x + sigma eps on frames 1..
 (frame 0 is the clean reference), real = frozen teacher x0 with CFG, fake = critic x0:
@@ -64,11 +73,18 @@ def choose_backprop_steps(schedule: WindowSchedule, num_blocks: int, count: int,
     return sorted(emitting[i] for i in pick)
 
 
-def rollout(model, schedule: WindowSchedule, cache_cfg: CacheConfig, ref: torch.Tensor, text, audio: torch.Tensor | None,
-            num_blocks: int, noise: NoiseSource, grad_steps=()) -> torch.Tensor:
-    """Inference rollout of the student: [B, C, 1 + num_blocks * B, h, w] = [ref | emitted blocks].
+GRAD_BLOCKS = ("emitted", "window")
 
+
+def rollout(model, schedule: WindowSchedule, cache_cfg: CacheConfig, ref: torch.Tensor, text, audio: torch.Tensor | None,
+            num_blocks: int, noise: NoiseSource, grad_steps=(), grad_blocks: str = "emitted") -> torch.Tensor:
+    """Inference rollout of the student: [B, C, 1 + n * B, h, w] = [ref | blocks 0..n-1].
+
+    ``grad_blocks=emitted``: n = num_blocks, every block as emitted.  ``window``: the rollout ends after the
+    last of ``grad_steps``; its window's blocks enter as that step's x0 predictions (n = its newest block + 1).
     ``text``: prompt embeddings or ``model.text_kv`` output (computed with grad to train the text path)."""
+    if grad_blocks not in GRAD_BLOCKS:
+        raise AvatarForcingError(f"dmd.grad_blocks is '{grad_blocks}'; use emitted or window")
     grad_steps = set(grad_steps)
     src = None if audio is None else (lambda s, e: audio[:, s:e])
     sampler = StreamingSampler(model, schedule, cache_cfg, ref, text, audio=src, noise=noise, num_blocks=num_blocks)
@@ -81,8 +97,11 @@ def rollout(model, schedule: WindowSchedule, cache_cfg: CacheConfig, ref: torch.
         if out["emitted"] is not None:
             blk, x0 = out["emitted"]
             blocks[blk] = x0
+        if grad_blocks == "window" and grad_steps and i == max(grad_steps):
+            blocks.update({b: x0 for b, x0 in out["x0"].items() if b not in blocks})
+            break
         i += 1
-    return torch.cat([ref.to(blocks[0].dtype)] + [blocks[b] for b in range(num_blocks)], dim=2)
+    return torch.cat([ref.to(blocks[0].dtype)] + [blocks[b] for b in range(len(blocks))], dim=2)
 
 
 class DMDStage(Stage):
@@ -96,6 +115,8 @@ class DMDStage(Stage):
         src = dc.data
         if not src:
             raise AvatarForcingError("dmd.data is not set (default: data.ode); pass dmd.data=<ODE store or shards folder>")
+        if dc.grad_blocks not in GRAD_BLOCKS:
+            raise AvatarForcingError(f"dmd.grad_blocks is '{dc.grad_blocks}'; use emitted or window")
         if not dc.teacher:
             raise AvatarForcingError("dmd.teacher is not set; pass dmd.teacher=<teacher checkpoint> (real score, critic init)")
         self.schedule = WindowSchedule.from_config(cfg.schedule)
@@ -144,7 +165,7 @@ class DMDStage(Stage):
         with self.tr.autocast():
             kv = self.text_kv(self.gen, text)
             return rollout(self.gen.model, self.schedule, self.cache_cfg, ref, kv, audio, self.num_blocks(batch),
-                           noise, grad_steps)
+                           noise, grad_steps, str(self.cfg.dmd.grad_blocks) if grad_steps else "emitted")
 
     def sample_t(self, batch_size: int, generator) -> torch.Tensor:
         dc = self.cfg.dmd
