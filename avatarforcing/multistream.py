@@ -13,8 +13,9 @@ is its kind (flow or K/V), input shape and dtype, frame positions, context lengt
 streams in warm-up or drain (other window widths) run in their own groups.  Results equal those of each stream
 run alone (tested), up to the floating-point effects of a larger batch.
 
-Batching policy: the batcher runs what is pending as soon as every registered stream has a call waiting, or
-``max_wait_s`` after the first call arrived (a stream waiting for audio does not hold the others back longer).
+Batching policy: the batcher runs what is pending as soon as every participating stream (:meth:`StreamBatcher.
+participant`) has a call waiting, or ``max_wait_s`` after the first call arrived, so a stream busy elsewhere
+(decoding, waiting for audio) holds the others back by ``max_wait_s`` at most.
 Inference only: forwards run under ``torch.no_grad()`` on the batcher's thread.
 """
 from __future__ import annotations
@@ -99,17 +100,28 @@ class StreamBatcher:
     def streams(self) -> int:
         return self._streams
 
+    def proxy(self) -> "BatchedDiT":
+        """A stand-in model whose streaming forwards go through this batcher (one per stream or shared)."""
+        return BatchedDiT(self)
+
     @contextlib.contextmanager
-    def stream(self):
-        """Register one stream for the duration of the block; yields its :class:`BatchedDiT`."""
+    def participant(self):
+        """Count the caller among the streams a batch waits for while the block runs (e.g. one streaming
+        step of a live session); streams that are idle (waiting for audio) should not be counted."""
         with self._cond:
             self._streams += 1
         try:
-            yield BatchedDiT(self)
+            yield
         finally:
             with self._cond:
                 self._streams -= 1
                 self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def stream(self):
+        """A participant for the duration of the block; yields its :class:`BatchedDiT`."""
+        with self.participant():
+            yield self.proxy()
 
     def submit(self, call: ForwardCall) -> tuple:
         """Run ``call`` in the next batch; blocks until its (flow, kv) is ready."""
