@@ -9,7 +9,8 @@ Writes ``results/gpu/<device-name>.json`` (``--out`` to change) and prints a tab
 (b) latency  steady-state ms/frame at 480x832, B4 L4 N1 (the Table 2 protocol of scripts/bench_latency.py),
              split into audio, DiT window, KV update and VAE decode: eager, compiled, and fp8 where available;
 (c) memory   peak memory of the stream in the default and the low-VRAM mode (CUDA: max_memory_allocated);
-(d) long     late/early step time and memory over a 2-minute stream.
+(d) long     late/early step time and memory over a 2-minute stream;
+(e) sessions total frames/s of 1, 2 and 4 streams sharing the model (batched forwards, avatarforcing/multistream.py).
 
 Random weights at the real architecture time and size exactly like the released ones (the DiT's zero-init
 output head is given small random weights so that the parity check compares non-trivial outputs).  Every
@@ -206,6 +207,46 @@ def long_run(pipe: AvatarPipeline, seconds: float) -> dict:
 COMPILE_BACKEND = "inductor"          # --tiny on CPU: aot_eager (same graphs, no C++ code generation)
 
 
+def multi_stream(pipe: AvatarPipeline, sessions=(1, 2, 4), blocks: int = 6) -> dict:
+    """Several streams on one model (avatarforcing/multistream.py): each session's stream on its own thread, the
+    DiT forwards stacked into batched forwards; total frames/s (VAE decode and audio per session included) for
+    each session count, and the speed-up over one stream."""
+    import threading
+
+    from avatarforcing.multistream import StreamBatcher
+    from bench_latency import reference_image, synthetic_speech
+
+    wav = synthetic_speech(pipe.video_frames(blocks) / pipe.fps, seed=0)
+    image = reference_image(pipe)
+    batcher = StreamBatcher(pipe.model, max_wait_s=0.02)
+    shared = pipe.replace(model=batcher.proxy())
+    rows = {}
+    try:
+        for n in sessions:
+            frames = [0] * n
+
+            def one(i):
+                with batcher.participant():
+                    for chunk in shared.stream(image, wav, seed=i, num_blocks=blocks):
+                        frames[i] += chunk.shape[1]
+            for _ in range(2):                   # the second run is timed (the first pays one-off costs)
+                frames[:] = [0] * n
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+                sync(pipe.device)
+                t0 = time.perf_counter()
+                [th.start() for th in threads]
+                [th.join() for th in threads]
+                sync(pipe.device)
+                wall = time.perf_counter() - t0
+            rows[n] = {"total_fps": sum(frames) / wall, "wall_s": wall, "frames": sum(frames)}
+    finally:
+        batcher.close()
+    one_fps = rows[sessions[0]]["total_fps"]
+    for n, r in rows.items():
+        r["speedup_vs_one_stream"] = r["total_fps"] / one_fps
+    return {"sessions": rows, "batcher": dict(batcher.stats), "blocks_per_session": blocks}
+
+
 def with_mode(pipe: AvatarPipeline, mode: str) -> AvatarPipeline:
     """``pipe`` in an execution mode: eager | compiled | fp8 (on a copy of the DiT) | low_vram (in place: it
     changes the VAE's decoding and, on CUDA, adds offload hooks, so it runs last, on a fresh pipeline)."""
@@ -304,6 +345,9 @@ def table(report: dict) -> str:
     rows.append(f"(d) long stream {fmt(get('long', 'video_seconds'), '.0f')} s: step time late/early "
                 f"{fmt(get('long', 'time_late_over_early'))}, memory late/early {fmt(get('long', 'memory_late_over_early'), '.3f')}"
                 f"  {report.get('long', {}).get('error', '')}")
+    ms = get("multi_stream", "sessions") or {}
+    rows.append("(e) sessions    " + ", ".join(f"{n}: {fmt(r.get('total_fps'), '.1f')} frames/s (x{fmt(r.get('speedup_vs_one_stream'))})"
+                                              for n, r in ms.items()) + f"  {report.get('multi_stream', {}).get('error', '')}")
     rows.append(f"total {report['wall_s']:.0f} s")
     return "\n".join(rows)
 
@@ -322,7 +366,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default=None, help="torch.compile backend of (b) compiled (default: inductor; "
                    "aot_eager with --tiny on CPU, where inductor's C++ builds alone take minutes)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                   "parity,latency,compiled,fp8,memory,long,low_vram")
+                   "parity,latency,compiled,fp8,memory,long,low_vram,sessions")
     return p.parse_args(argv)
 
 
@@ -379,6 +423,8 @@ def main(argv=None) -> int:
         run("long", 90, long_run, pipe, long_seconds)
     if "parity" not in skip:
         run("parity", 40, parity, pipe, 2)
+    if "sessions" not in skip:
+        run("multi_stream", 60, multi_stream, pipe)
     if "fp8" not in skip:
         run("latency_fp8", 40, mode_latency, pipe, "fp8", steps, warm)
     del pipe                                     # fresh pipelines below: nothing else resident
