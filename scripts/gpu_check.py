@@ -10,7 +10,8 @@ Writes ``results/gpu/<device-name>.json`` (``--out`` to change) and prints a tab
              split into audio, DiT window, KV update and VAE decode: eager, compiled, and fp8 where available;
 (c) memory   peak memory of the stream in the default and the low-VRAM mode (CUDA: max_memory_allocated);
 (d) long     late/early step time and memory over a 2-minute stream;
-(e) sessions total frames/s of 1, 2 and 4 streams sharing the model (batched forwards, avatarforcing/multistream.py).
+(e) sessions total frames/s of 1, 2 and 4 streams sharing the model (batched forwards, avatarforcing/multistream.py);
+(f) evaluation seconds to evaluate a minute of 480x832 video with every metric of scripts/evaluate.py.
 
 Random weights at the real architecture time and size exactly like the released ones (the DiT's zero-init
 output head is given small random weights so that the parity check compares non-trivial outputs).  Every
@@ -247,6 +248,14 @@ def multi_stream(pipe: AvatarPipeline, sessions=(1, 2, 4), blocks: int = 6) -> d
     return {"sessions": rows, "batcher": dict(batcher.stats), "blocks_per_session": blocks}
 
 
+def evaluation(device: torch.device, tiny: bool) -> dict:
+    """Seconds to evaluate one minute of 480x832 video with every metric of scripts/evaluate.py (random weights in
+    the real architectures; the goal on a GPU is < 30 s per minute)."""
+    from avatarforcing.evaluation.bench import bench_evaluation
+    size = (64, 64) if tiny else (480, 832)
+    return bench_evaluation(seconds=1.0 if tiny else 2.0, height=size[0], width=size[1], device=str(device), log=None)
+
+
 def with_mode(pipe: AvatarPipeline, mode: str) -> AvatarPipeline:
     """``pipe`` in an execution mode: eager | compiled | fp8 (on a copy of the DiT) | low_vram (in place: it
     changes the VAE's decoding and, on CUDA, adds offload hooks, so it runs last, on a fresh pipeline)."""
@@ -348,6 +357,9 @@ def table(report: dict) -> str:
     ms = get("multi_stream", "sessions") or {}
     rows.append("(e) sessions    " + ", ".join(f"{n}: {fmt(r.get('total_fps'), '.1f')} frames/s (x{fmt(r.get('speedup_vs_one_stream'))})"
                                               for n, r in ms.items()) + f"  {report.get('multi_stream', {}).get('error', '')}")
+    ev = report.get("evaluation", {})
+    rows.append(f"(f) evaluation  {fmt(ev.get('seconds_per_minute'), '.1f')} s per minute of video  "
+                f"{ev.get('error', ev.get('skipped', ''))}")
     rows.append(f"total {report['wall_s']:.0f} s")
     return "\n".join(rows)
 
@@ -366,7 +378,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default=None, help="torch.compile backend of (b) compiled (default: inductor; "
                    "aot_eager with --tiny on CPU, where inductor's C++ builds alone take minutes)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                   "parity,latency,compiled,fp8,memory,long,low_vram,sessions")
+                   "parity,latency,compiled,fp8,memory,long,low_vram,sessions,evaluation")
     return p.parse_args(argv)
 
 
@@ -438,6 +450,8 @@ def main(argv=None) -> int:
             run("latency_low_vram", 40, latency, low, steps, warm)
         del low
         free()
+    if "evaluation" not in skip:
+        run("evaluation", 60, evaluation, device, args.tiny)
     if "compiled" not in skip:                   # last: inductor's compile time of the 1.3B graphs is unknown
         run("latency_compiled", 150, mode_latency, build_pipeline(device, dtype, args.tiny), "compiled", steps,
             warm + 3)
