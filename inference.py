@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from avatarforcing import AvatarForcingError
+from avatarforcing import AvatarForcingError, run_command
 from avatarforcing.config import load_config, resolve_path, resource_path
 from avatarforcing.pipeline import AvatarPipeline, default_config_path
 
@@ -196,15 +196,8 @@ def run(args) -> list[Path]:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        run(build_parser().parse_intermixed_args(argv))
-    except AvatarForcingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no video was written for the unfinished clip", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run(build_parser().parse_intermixed_args(argv)),
+                       interrupted="interrupted; no video was written for the unfinished clip")
 
 
 if __name__ == "__main__":

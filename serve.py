@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 
-from avatarforcing import AvatarForcingError
+from avatarforcing import AvatarForcingError, run_command
 from avatarforcing.config import load_config, resolve_path
 
 
@@ -106,14 +106,7 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        run(build_parser().parse_intermixed_args(argv))
-    except AvatarForcingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(lambda: run(build_parser().parse_intermixed_args(argv)))
 
 
 if __name__ == "__main__":

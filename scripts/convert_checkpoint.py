@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
-from avatarforcing import AvatarForcingError  # noqa: E402
+from avatarforcing import run_command  # noqa: E402
 from avatarforcing.checkpoint import DEFAULT_LORA_ALPHA, convert_checkpoint  # noqa: E402
 
 
@@ -27,13 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: read from lora_A)")
     p.add_argument("--allow-pickle", action="store_true", help="allow non-tensor pickles (runs the file's code)")
     args = p.parse_args(argv)
-    try:
-        print(convert_checkpoint(args.input, args.output, use_ema=args.ema, lora_alpha=args.lora_alpha,
-                                 lora_rank=args.lora_rank, allow_pickle=args.allow_pickle))
-    except AvatarForcingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: print(convert_checkpoint(args.input, args.output, use_ema=args.ema,
+                                                        lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
+                                                        allow_pickle=args.allow_pickle)))
 
 
 if __name__ == "__main__":

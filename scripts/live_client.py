@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
-from avatarforcing import AvatarForcingError  # noqa: E402
+from avatarforcing import AvatarForcingError, run_command  # noqa: E402
 from avatarforcing.live import protocol as P  # noqa: E402
 from avatarforcing.media import VideoWriter, load_audio  # noqa: E402
 
@@ -192,15 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:
+    def command():
         args = build_parser().parse_args(argv)
         if args.pace < 0 or args.chunk_ms <= 0:
             raise AvatarForcingError("--pace must be >= 0 and --chunk-ms positive")
         print(json.dumps(run(args)), flush=True)
-    except AvatarForcingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(command)
 
 
 if __name__ == "__main__":
