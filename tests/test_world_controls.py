@@ -1,0 +1,172 @@
+"""Positive controls (avatarforcing/world/controls.py) and the paired per-case runner (avatarforcing/world/bench.py),
+on the shipped demo model and very short held-out clips."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avatarforcing import AvatarForcingError, pipeline, sampler
+from avatarforcing.attention import KV
+from avatarforcing.metrics import MetricNets
+from avatarforcing.stream_state import CacheConfig, NoiseSource, StreamCache
+from avatarforcing.world import bench
+from avatarforcing.world.bench import Arm, build_pipe, evaluate_arms, rollout_arm
+from avatarforcing.world.controls import (FrozenNoise, controls, foreign_anchor, other_case, shift_wav,
+                                          temporal_rope_offset)
+from avatarforcing.world.evaluate import held_out_cases
+from avatarforcing.world.stats import verdict
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+CKPT = ROOT / "assets" / "demo" / "model.pt"
+pytestmark = pytest.mark.skipif(not CKPT.is_file(), reason="the demo model is not shipped in this checkout")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return held_out_cases(2, 2.0)           # 50 frames: 4 blocks, so the temporal cache is read
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipe(DEMO, CKPT)
+
+
+@pytest.fixture(scope="module")
+def clean(pipe, cases):
+    return rollout_arm(Arm("clean"), pipe, cases[0], cases)[0]
+
+
+def test_each_control_changes_the_stream_and_is_undone(pipe, cases, clean):
+    originals = (StreamCache.context, sampler.prefill_anchor, pipeline.NoiseSource)
+    for control in controls():
+        p = build_pipe(DEMO, CKPT, control.overrides) if control.overrides else pipe
+        broken = rollout_arm(control, p, cases[0], cases)[0]
+        assert broken.shape == clean.shape
+        assert np.abs(broken.astype(int) - clean).mean() > 0.05, control.name
+        assert (StreamCache.context, sampler.prefill_anchor, pipeline.NoiseSource) == originals, control.name
+        assert np.array_equal(rollout_arm(Arm("clean"), pipe, cases[0], cases)[0], clean), control.name
+    names = [c.name for c in controls()]
+    assert len(names) == 5 and len({c.key for c in controls()}) == 5
+    assert all(c.metric and c.rationale for c in controls())
+
+
+def test_injections_are_undone_on_error():
+    original = StreamCache.context
+    with pytest.raises(RuntimeError), temporal_rope_offset(7):
+        assert StreamCache.context is not original
+        raise RuntimeError("boom")
+    assert StreamCache.context is original
+
+
+def test_temporal_rope_offset_moves_only_the_temporal_frames():
+    kv = lambda frames: KV([torch.zeros(1, 4 * frames, 1, 2)], [torch.zeros(1, 4 * frames, 1, 2)], frames)  # noqa
+    cache = StreamCache(CacheConfig(), tokens_per_frame=4, grid=(2, 2), anchor=kv(1), temporal=kv(2), next_frame=41)
+    _, clean_pos = cache.context()
+    with temporal_rope_offset(64):
+        _, pos = cache.context()
+        window = cache.window_positions(16)
+    assert clean_pos.tolist() == [-1, 0, 1]
+    assert pos.tolist() == [-1, 64, 65]
+    assert window.tolist() == list(range(2, 18))
+    assert cache.context()[1].tolist() == [-1, 0, 1]
+
+
+def test_frozen_noise_ignores_block_and_level():
+    frozen, normal = FrozenNoise(3), NoiseSource(3)
+    a, b = frozen(0, 0, (1, 2, 3)), frozen(5, 2, (1, 2, 3))
+    assert torch.equal(a, b) and torch.equal(a, normal(0, 0, (1, 2, 3)))
+    assert not torch.equal(normal(5, 2, (1, 2, 3)), a)
+
+
+def test_foreign_anchor_uses_the_given_latent(pipe, cases):
+    seen = []
+    original = sampler.prefill_anchor
+    latent = torch.full((1, 16, 1, 8, 8), 0.5)
+    from unittest import mock
+    with mock.patch.object(sampler, "prefill_anchor", lambda m, c, ref, audio=None: seen.append(ref)):
+        with foreign_anchor(latent):
+            sampler.prefill_anchor(None, None, torch.zeros(1, 16, 1, 8, 8))
+    assert torch.equal(seen[0], latent) and sampler.prefill_anchor is original
+    assert other_case(cases[0], cases) is cases[1] and other_case(cases[1], cases) is cases[0]
+    with pytest.raises(AvatarForcingError, match="at least 2 cases"):
+        other_case(cases[0], cases[:1])
+
+
+def test_shift_wav():
+    wav = np.arange(1, 16_001, dtype=np.float32)
+    out = shift_wav(wav, 0.5)
+    assert out.shape == wav.shape and out.dtype == wav.dtype
+    assert not out[:8000].any() and np.array_equal(out[8000:], wav[:8000])
+    with pytest.raises(AvatarForcingError, match="longer than the shift"):
+        shift_wav(wav[:100], 0.5)
+
+
+def test_arm_needs_a_tag_for_injections():
+    with pytest.raises(AvatarForcingError, match="no tag"):
+        Arm("x", drive=lambda c: c)
+    assert Arm("a", ("cache.style_anchor=false",)).key == Arm("b", ("cache.style_anchor=false",)).key
+    assert Arm("a").key != Arm("a", tag="t", drive=lambda c: c).key
+
+
+def test_evaluate_arms_caches_and_resumes(tmp_path, cases, monkeypatch):
+    nets = MetricNets.random()
+    arms = [Arm("clean"), controls()[3]]
+    first = evaluate_arms(DEMO, CKPT, arms, cases, nets, cache_dir=tmp_path, baseline="clean", log=None)
+    assert set(first) == {"clean", arms[1].name} and set(first["clean"]) == {0, 1}
+    assert first["clean"][0]["pixel_change"] == 0 and first[arms[1].name][0]["pixel_change"] > 0.5
+    assert first["clean"][0]["sync_dist_total"] != first[arms[1].name][0]["sync_dist_total"]
+    stored = json.loads((tmp_path / arms[1].key / "case1.json").read_text())
+    assert stored["tag"] == arms[1].tag and stored["metrics"]["csim_total"] == first[arms[1].name][1]["csim_total"]
+    (tmp_path / arms[1].key / "case1.json").unlink()             # an interrupted run: one case missing
+    calls = []
+    real = bench.rollout_arm
+    monkeypatch.setattr(bench, "rollout_arm", lambda *a, **k: calls.append(a[0].name) or real(*a, **k))
+    again = evaluate_arms(DEMO, CKPT, arms, cases, nets, cache_dir=tmp_path, baseline="clean", log=None)
+    assert calls == [arms[1].name, "clean"]             # the baseline's frames are rolled out again, not re-scored
+    for key in ("csim_total", "pixel_change"):
+        assert again[arms[1].name][1][key] == pytest.approx(first[arms[1].name][1][key])
+    with pytest.raises(AvatarForcingError, match="distinct"):
+        evaluate_arms(DEMO, CKPT, [Arm("a"), Arm("a")], cases, nets, log=None)
+    with pytest.raises(AvatarForcingError, match="baseline"):
+        evaluate_arms(DEMO, CKPT, arms, cases, nets, baseline="nope", log=None)
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scripts_write_controls_and_claims(tmp_path):
+    nets = tmp_path / "nets.pt"
+    MetricNets.random().save(nets)
+    args = ["--cases", "2", "--seconds", "1.5", "--metric-nets", str(nets), "--run", str(tmp_path / "run"),
+            "--out", str(tmp_path / "out"), "--resamples", "2000"]
+    assert _script("world_controls").main(args) == 0
+    entries = json.loads((tmp_path / "out" / "controls.json").read_text())
+    assert [e["control"] for e in entries] == [c.name for c in controls()]
+    for e in entries:
+        assert {"control", "metric", "effect", "ci_low", "ci_high", "detected", "n_cases"} <= set(e)
+        assert e["n_cases"] == 2 and e["detected"] == (e["ci_low"] > 0) and e["ci_low"] <= e["effect"] <= e["ci_high"]
+        assert e["video_change"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "controls_per_case.csv")))
+    assert len(rows) == 6 * 2 and "fid_total" in rows[0]
+    assert "| control | metric |" in (tmp_path / "out" / "controls.md").read_text()
+
+    claims_script = _script("world_claims")
+    assert claims_script.main(args) == 0
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert len(claims) == len(claims_script.CLAIMS)
+    for c in claims:
+        assert {"claim", "verdict", "effect", "ci_low", "ci_high", "n_cases"} <= set(c)
+        assert c["verdict"] == verdict(c["ci_low"], c["ci_high"]) and c["n_cases"] == 2
+    # one cache folder per distinct arm: the claims' full method is the controls' clean arm, computed once
+    cache = next((tmp_path / "run" / "cache").iterdir())
+    assert len(list(cache.iterdir())) == 1 + len(controls()) + len(claims_script.claim_arms(CKPT)) - 2
+    assert _script("world_controls").main(args + ["--cases", "1"]) == 1          # a one-line error
