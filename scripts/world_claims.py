@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from avatarforcing.world.bench import Arm, comparison_entry, mean_pixel_change  # noqa: E402
 from avatarforcing.world.layout import MODEL_DIRS  # noqa: E402
-from world_ablations import grid_name, table_variants  # noqa: E402
+from avatarforcing.ablations import grid_name, table_variants  # noqa: E402
 from world_controls import cli, describe, open_from_args, report, write_results  # noqa: E402
 
 GRID = ((1, 2, 4), (1, 2, 4))

@@ -7,7 +7,7 @@ The shipped student (configs/demo.yaml, assets/demo/model.pt) is rolled out clea
 avatarforcing/world/controls.py (wrong RoPE positions of the temporal cache, context noise at t = 1000, a style
 anchor from another identity, audio shifted by 0.5 s, the same noise at every re-noising) on --cases held-out
 identities (world seed 10_000, never used in training) of --seconds each, with the same noise seed.  Each control
-names a-priori the metric it should hurt; the paired bootstrap (avatarforcing/world/stats.py) gives the mean
+names a-priori the metric it should hurt; the paired bootstrap (avatarforcing/stats.py) gives the mean
 per-case harm on it with a 95 % CI, and the control is detected when the CI lies above 0.
 
 The metric nets are RUN/metric_nets.pt, trained by the world pipeline's metric_nets stage if absent (~2-4 min).
@@ -35,8 +35,8 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.world.bench import (Arm, comparison_entry, effects_table, mean_pixel_change,  # noqa: E402
                                        open_bench, per_case_rows)
 from avatarforcing.world.controls import controls  # noqa: E402
-from avatarforcing.world.evaluate import write_csv, write_json  # noqa: E402
-from avatarforcing.world.stats import RESAMPLES  # noqa: E402
+from avatarforcing.ablations import write_csv, write_json  # noqa: E402
+from avatarforcing.stats import RESAMPLES  # noqa: E402
 
 CLEAN = "clean (shipped student)"
 

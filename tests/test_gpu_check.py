@@ -9,9 +9,9 @@ import sys
 def test_gpu_check_tiny_on_cpu(repo_root, tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, str(repo_root / "scripts/gpu_check.py"), "--device", "cpu", "--tiny",
-                           "--budget-s", "900", "--out", str(out), "--skip", "evaluation"],   # (f): ~1 min on CPU;
-                                                                                 # tests/test_evaluation.py runs its code capture_output=True, text=True, cwd=repo_root,
-                          timeout=900)
+                           "--budget-s", "900", "--out", str(out),
+                           "--skip", "evaluation"],     # (f) takes ~1 min on CPU; tests/test_evaluation.py runs its code
+                          capture_output=True, text=True, cwd=repo_root, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     # (a) bf16 against fp32 with the same weights

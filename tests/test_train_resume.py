@@ -68,7 +68,7 @@ def test_dmd_stopped_and_resumed_is_bit_exact(tmp_path):
     write_clip_samples(cfg0, tmp_path / "shards", 2)
     write_checkpoint(random_dit(cfg0, 1, head_std=0.05), tmp_path / "teacher.pt")
     over = lambda out, *x: load_config("configs/train_dmd_tiny.yaml", [
-        f"data.shards={tmp_path / 'shards'}", f"dmd.teacher={tmp_path / 'teacher.pt'}", f"train.output_dir={out}",
+        f"dmd.data={tmp_path / 'shards'}", f"dmd.teacher={tmp_path / 'teacher.pt'}", f"train.output_dir={out}",
         "train.steps=4", "train.save_every=0", "train.progress=false", "train.grad_accum=2", *x])
     run_stage(DMDStage, over(tmp_path / "a"))
     run_stage(DMDStage, over(tmp_path / "b", "train.stop_after=2"))

@@ -18,7 +18,7 @@ from avatarforcing.world.bench import Arm, build_pipe, evaluate_arms, rollout_ar
 from avatarforcing.world.controls import (FrozenNoise, controls, foreign_anchor, other_case, shift_wav,
                                           temporal_rope_offset)
 from avatarforcing.world.evaluate import held_out_cases
-from avatarforcing.world.stats import verdict
+from avatarforcing.stats import verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"

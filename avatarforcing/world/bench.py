@@ -35,9 +35,10 @@ from typing import Callable, ContextManager, Sequence
 import numpy as np
 
 from .. import AvatarForcingError
-from .evaluate import Case, evaluate_variant, real_feature_stats, resolve_config, rollout_student, write_json
+from ..ablations import resolve_config, rollout_student, write_json
+from .evaluate import Case, evaluate_variant, real_feature_stats
 from .layout import RunLayout
-from .stats import RESAMPLES, column, compare
+from ..stats import RESAMPLES, column, compare
 
 # the per-case metrics the tables and side tables report (avatarforcing/metrics.py's evaluate_video keys)
 REPORTED_METRICS = ("csim_total", "csim_last", "delta_e_total", "delta_e_last", "adj_feat_total", "adj_feat_last",

@@ -1,4 +1,4 @@
-"""Paired statistics over held-out cases: bootstrap confidence intervals and verdicts.
+"""Paired statistics over evaluation cases (held-out clips, eval-list items): bootstrap CIs and verdicts.
 
 Two arms (e.g. the clean student and a broken one, or the full method and an ablation) are run on the same
 cases with the same noise seed, so their metrics are paired by case.  For one metric:
@@ -11,7 +11,7 @@ cases with the same noise seed, so their metrics are paired by case.  For one me
   percentiles *expanded* for small samples (Hesterberg's expanded percentile interval: the tail probability
   alpha' / 2 = P(Z > sqrt(n / (n - 1)) t_{n-1, 1 - alpha/2}), e.g. 0.86 % / 99.14 % instead of 2.5 % / 97.5 % at
   n = 10), because the plain percentile interval is too narrow with few cases: it covers the true effect only
-  about 90 % of the time at 8-12 cases; expanded, 93-95 % (measured in ``tests/test_world_stats.py``);
+  about 90 % of the time at 8-12 cases; expanded, 93-95 % (measured in ``tests/test_stats.py``);
 * the verdict on "a is better than b": ``holds`` when the interval lies above 0, ``does not hold`` when it lies
   below 0, ``inconclusive`` when it contains 0.
 """
@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 from scipy import stats as sps
 
-from .. import AvatarForcingError
+from . import AvatarForcingError
 
 RESAMPLES = 10_000
 MIN_RESAMPLES = 2_000
@@ -33,9 +33,12 @@ SEED = 0
 
 HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
-# metric (without its _total / _last suffix) -> higher is better (avatarforcing/metrics.py's directions)
+# metric (without its _total / _last suffix) -> higher is better: avatarforcing/metrics.py's (the world's) and
+# avatarforcing/evaluation/'s (real videos)
 HIGHER_IS_BETTER = {"csim": True, "sync_conf": True, "delta_e": False, "adj_feat": False, "adj_pixel": False,
-                    "sync_offset": False, "sync_dist": False, "fid": False, "latency_s_per_frame": False}
+                    "sync_offset": False, "sync_dist": False, "fid": False, "latency_s_per_frame": False,
+                    "sync_c": True, "sync_d": False, "fvd": False, "adj_lpips": False, "psnr": True, "ssim": True,
+                    "flicker": False}
 
 
 def higher_is_better(metric: str) -> bool:

@@ -1,9 +1,9 @@
-"""Paired bootstrap statistics (avatarforcing/world/stats.py) on synthetic data with known effects."""
+"""Paired bootstrap statistics (avatarforcing/stats.py) on synthetic data with known effects."""
 import numpy as np
 import pytest
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.world.stats import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, bootstrap_mean_ci, column, compare,
+from avatarforcing.stats import (DOES_NOT_HOLD, HOLDS, INCONCLUSIVE, bootstrap_mean_ci, column, compare,
                                        expanded_tail, higher_is_better, paired_differences, verdict)
 
 
