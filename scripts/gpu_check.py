@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     if "parity" not in skip:
         run("parity", 40, parity, pipe, 2)
     if "sessions" not in skip:
-        run("multi_stream", 60, multi_stream, pipe)
+        run("multi_stream", 60, multi_stream, pipe, (1, 2, 4), 2 if args.tiny else 6)
     if "fp8" not in skip:
         run("latency_fp8", 40, mode_latency, pipe, "fp8", steps, warm)
     del pipe                                     # fresh pipelines below: nothing else resident

@@ -53,15 +53,18 @@ def test_cli_same_seed_same_video(tmp_path):
     t = np.arange(int(0.5 * 16000)) / 16000
     sf.write(tmp_path / "speech.wav", 0.3 * np.sin(2 * np.pi * 220 * t), 16000)
 
-    def frames(seed, name):
-        out = tmp_path / name
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), "--config", TINY,
-                               "--image", tmp_path / "face.png", "--audio", tmp_path / "speech.wav",
-                               "--seed", str(seed), "--output", out], capture_output=True, text=True, cwd=tmp_path,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=240)
-        assert proc.returncode == 0, proc.stderr
-        return read_video(out)[0]
+    def start(seed, name):          # three separate processes, run at once
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "inference.py"), "--config", TINY,
+                                 "--image", tmp_path / "face.png", "--audio", tmp_path / "speech.wav",
+                                 "--seed", str(seed), "--output", tmp_path / name], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
-    a, b, c = frames(1, "a.mp4"), frames(1, "b.mp4"), frames(2, "c.mp4")
+    def frames(proc, name):
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        return read_video(tmp_path / name)[0]
+
+    procs = [start(1, "a.mp4"), start(1, "b.mp4"), start(2, "c.mp4")]
+    a, b, c = (frames(p, n) for p, n in zip(procs, ("a.mp4", "b.mp4", "c.mp4")))
     assert a.shape == b.shape and np.array_equal(a, b)
     assert a.shape == c.shape and not np.array_equal(a, c)
