@@ -784,3 +784,10 @@ def _json_default(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     return str(x)
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """The end of a run on stdout: its time, where the tables are, one line per claim with its verdict."""
+    print(f"done in {summary['timings_s']['total']:.0f} s; wrote {out / 'tables.md'} and {out / 'summary.json'}")
+    for c in summary["claims"]:
+        print(f"  [{c['verdict']}] {c['claim']}")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import (FAST_GRID, FULL_GRID, TAIL_SECONDS, add_arguments, cli,  # noqa: E402
-                                     parse_tables, read_eval_list, run_tables)
+                                     parse_tables, print_summary, read_eval_list, run_tables)
 
 MODEL_FLAGS = {"dmd": "checkpoint", "ode": "ode_checkpoint", "teacher": "teacher_checkpoint",
                "self_forcing": "baseline_self_forcing", "causal_ode": "baseline_causal_ode"}
@@ -89,9 +89,7 @@ def _main(args) -> int:
         print("warning: one item: the claims need >= 2 items for a paired bootstrap (use 10+)", file=sys.stderr)
     summary = run_tables(tables, models, items, scorer, cfg, Path(args.out), grid, teacher_steps, args.seed,
                          not args.no_videos, args.variant_videos, intro, settings)
-    print(f"done in {summary['timings_s']['total']:.0f} s; wrote {Path(args.out) / 'tables.md'}")
-    for c in summary["claims"]:
-        print(f"  [{c['verdict']}] {c['claim']}")
+    print_summary(summary, Path(args.out))
     return 0
 
 

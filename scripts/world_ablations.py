@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import (FAST_GRID, FULL_GRID, TAIL_SECONDS, add_arguments, cli,  # noqa: E402
-                                     parse_tables, resolve_config, run_tables)
+                                     parse_tables, print_summary, resolve_config, run_tables)
 from avatarforcing.world.evaluate import (HELD_OUT_WORLD_SEED, WorldScorer, case_item, held_out_cases,  # noqa: E402
                                           load_metric_nets, run_overrides)
 from avatarforcing.world.layout import RunLayout  # noqa: E402
@@ -136,9 +136,7 @@ def _main(args) -> int:
     summary = run_tables(tables, models, [case_item(c) for c in cases], WorldScorer(load_metric_nets(nets_path)),
                          cfg, out, grid, teacher_steps, args.seed, not args.no_videos, args.variant_videos, intro,
                          settings, previous, real_row=True)
-    print(f"done in {summary['timings_s']['total']:.0f} s; wrote {out / 'tables.md'} and {out / 'summary.json'}")
-    for c in summary["claims"]:
-        print(f"  [{c['verdict']}] {c['claim']}")
+    print_summary(summary, out)
     return 0
 
 
