@@ -208,6 +208,10 @@ def write_examples(assets: Path, seconds: float = 8.0, seed: int = 4242) -> None
 
 def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     """Run (or resume) the stages in order; returns ``state.json``'s content."""
+    if int(cfg.world.version) != 1:
+        raise AvatarForcingError(f"world.version={cfg.world.version}: only world v1 trains so far; world v2's data "
+                                 "generator exists (avatarforcing/world/dataset.py generate_clip(version=2)) but its "
+                                 "codec, metric nets and evaluation are not wired into the pipeline yet; use world.version=1")
     torch.set_num_threads(int(cfg.world.threads))
     torch.set_flush_denormal(True)
     run = Run(cfg)
