@@ -73,6 +73,23 @@ def test_streams_at_different_positions_batch_and_match_solo_runs():
     assert batcher.stats["forwards"] < batcher.stats["calls"]
 
 
+def test_bf16_streams_batch_and_match_solo_runs():
+    """The dtype users run on a GPU: batched bf16 streams equal their solo bf16 runs up to bf16 rounding."""
+    model = random_tiny_model(3).to(torch.bfloat16)
+    jobs = [(0, 6, None), (1, 5, None)]
+    solo = {seed: _stream(model, seed, blocks).float() for seed, blocks, _ in jobs}
+    batcher = StreamBatcher(model, max_wait_s=0.05)
+    try:
+        got = _concurrent(batcher, jobs)
+    finally:
+        batcher.close()
+    for seed, _, _ in jobs:
+        err = ((got[seed].float() - solo[seed]).norm() / solo[seed].norm()).item()
+        print(f"bf16 batched vs solo, stream {seed}: relative error {err:.2e}")
+        assert err < 0.02, (seed, err)
+    assert batcher.stats["max_batch"] >= 2
+
+
 def test_layout_key_separates_what_cannot_stack():
     """Warm-up (narrower window, shorter context) and steady state have different keys; the same layout at
     different absolute positions has the same key."""
