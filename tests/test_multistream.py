@@ -61,7 +61,7 @@ def test_streams_at_different_positions_batch_and_match_solo_runs():
     model = random_tiny_model(3)
     jobs = [(0, 9, None), (1, 7, 0), (2, 5, 1)]      # stream 1 starts once stream 0 emitted 2 blocks, etc.
     solo = {seed: _stream(model, seed, blocks) for seed, blocks, _ in jobs}
-    batcher = StreamBatcher(model, max_wait_s=0.05)
+    batcher = StreamBatcher(model, max_wait_s=5.0)   # wait for every participant: deterministic batches
     try:
         got = _concurrent(batcher, jobs)
     finally:
@@ -78,7 +78,7 @@ def test_bf16_streams_batch_and_match_solo_runs():
     model = random_tiny_model(3).to(torch.bfloat16)
     jobs = [(0, 6, None), (1, 5, None)]
     solo = {seed: _stream(model, seed, blocks).float() for seed, blocks, _ in jobs}
-    batcher = StreamBatcher(model, max_wait_s=0.05)
+    batcher = StreamBatcher(model, max_wait_s=5.0)   # wait for every participant: deterministic batches
     try:
         got = _concurrent(batcher, jobs)
     finally:
@@ -139,7 +139,7 @@ def test_pipeline_sessions_share_the_model(repo_root):
     def frames(p, seed):
         return np.concatenate(list(p.stream(image, wav, seed=seed, num_blocks=4)), axis=1)
     solo = {seed: frames(pipe, seed) for seed in (0, 1)}
-    batcher = StreamBatcher(pipe.model, max_wait_s=0.05)
+    batcher = StreamBatcher(pipe.model, max_wait_s=5.0)
     got, errors = {}, []
 
     def run(seed):

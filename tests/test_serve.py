@@ -91,7 +91,7 @@ def test_streamed_frames_equal_pipeline_stream(pipe, wav, client, batched):
     (raw frames differ by <= 1 level, tests/test_multistream.py; after JPEG every frame > 45 dB PSNR), and the
     forwards were shared."""
     if batched:
-        with TestClient(create_app(pipe, Settings(stats_interval=0.05, batch_wait_ms=50))) as c:
+        with TestClient(create_app(pipe, Settings(stats_interval=0.05, batch_wait_ms=2000))) as c:
             return _check_two_sessions(pipe, wav, c, exact=False)
     _check_two_sessions(pipe, wav, client, exact=True)
 
