@@ -219,7 +219,7 @@ def multi_stream(pipe: AvatarPipeline, sessions=(1, 2, 4), blocks: int = 6) -> d
 
     wav = synthetic_speech(pipe.video_frames(blocks) / pipe.fps, seed=0)
     image = reference_image(pipe)
-    batcher = StreamBatcher(pipe.model, max_wait_s=0.02)
+    batcher = StreamBatcher(pipe.model, max_wait_s=1.0)     # every session participates: batches wait for all
     shared = pipe.replace(model=batcher.proxy())
     rows = {}
     try:
