@@ -104,18 +104,26 @@ class StreamBatcher:
         """A stand-in model whose streaming forwards go through this batcher (one per stream or shared)."""
         return BatchedDiT(self)
 
+    def join(self, count: int = 1) -> None:
+        """Count ``count`` more streams among those a batch waits for.  Count streams that are about to run
+        forwards (e.g. the ready sessions' steps, all before any of them starts, so that their first forwards
+        meet), not idle ones (waiting for audio); each one calls :meth:`leave` when it is done."""
+        with self._cond:
+            self._streams += count
+
+    def leave(self, count: int = 1) -> None:
+        with self._cond:
+            self._streams -= count
+            self._cond.notify_all()
+
     @contextlib.contextmanager
     def participant(self):
-        """Count the caller among the streams a batch waits for while the block runs (e.g. one streaming
-        step of a live session); streams that are idle (waiting for audio) should not be counted."""
-        with self._cond:
-            self._streams += 1
+        """:meth:`join` for the duration of the block, then :meth:`leave`."""
+        self.join()
         try:
             yield
         finally:
-            with self._cond:
-                self._streams -= 1
-                self._cond.notify_all()
+            self.leave()
 
     @contextlib.contextmanager
     def stream(self):

@@ -227,14 +227,17 @@ def multi_stream(pipe: AvatarPipeline, sessions=(1, 2, 4), blocks: int = 6) -> d
             frames = [0] * n
 
             def one(i):
-                with batcher.participant():
+                try:
                     for chunk in shared.stream(image, wav, seed=i, num_blocks=blocks):
                         frames[i] += chunk.shape[1]
+                finally:
+                    batcher.leave()
             for _ in range(2):                   # the second run is timed (the first pays one-off costs)
                 frames[:] = [0] * n
                 threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
                 sync(pipe.device)
                 t0 = time.perf_counter()
+                batcher.join(n)                  # all sessions count before any starts: their forwards meet
                 [th.start() for th in threads]
                 [th.join() for th in threads]
                 sync(pipe.device)

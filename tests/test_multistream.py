@@ -33,16 +33,21 @@ def _stream(model, seed: int, blocks: int, cfg=None, started: threading.Event | 
 
 
 def _concurrent(batcher, jobs):
-    """Run ``jobs`` [(seed, blocks, start_after_event)] on threads through the batcher."""
+    """Run ``jobs`` [(seed, blocks, start_after_event)] on threads through the batcher; the jobs that start at
+    once join the batcher before any of them runs, so their first forwards meet."""
     results, errors = {}, []
     events = {seed: threading.Event() for seed, _, _ in jobs}
+    batcher.join(sum(after is None for _, _, after in jobs))
 
     def run(seed, blocks, after):
         try:
             if after is not None:
                 events[after].wait(timeout=60)
-            with batcher.stream() as model:
-                results[seed] = _stream(model, seed, blocks, started=events[seed])
+                batcher.join()
+            try:
+                results[seed] = _stream(batcher.proxy(), seed, blocks, started=events[seed])
+            finally:
+                batcher.leave()
         except BaseException as exc:    # noqa: BLE001 (reported below)
             errors.append(exc)
             events[seed].set()
@@ -144,10 +149,12 @@ def test_pipeline_sessions_share_the_model(repo_root):
 
     def run(seed):
         try:
-            with batcher.stream() as model:
-                got[seed] = frames(pipe.replace(model=model), seed)
+            got[seed] = frames(pipe.replace(model=batcher.proxy()), seed)
         except BaseException as exc:    # noqa: BLE001
             errors.append(exc)
+        finally:
+            batcher.leave()
+    batcher.join(2)                     # both sessions count before either starts
     threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
     [th.start() for th in threads]
     [th.join(timeout=120) for th in threads]

@@ -110,13 +110,16 @@ class Engine:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="avatarforcing-live-step")
-        futures = [self._pool.submit(self._step_participating, session) for session, _ in ready]
+        self.batcher.join(len(ready))                 # counted before any starts: their first forwards meet
+        futures = [self._pool.submit(self._step_then_leave, session) for session, _ in ready]
         for (session, deliver), future in zip(ready, futures):
             self._deliver(session, deliver, future.result())
 
-    def _step_participating(self, session: LiveSession):
-        with self.batcher.participant():             # the batch waits for this session's forwards
+    def _step_then_leave(self, session: LiveSession):
+        try:
             return self._step(session)
+        finally:
+            self.batcher.leave()                      # batches stop waiting for this session
 
     @staticmethod
     def _step(session: LiveSession):
