@@ -96,10 +96,6 @@ class StreamBatcher:
         self._thread = threading.Thread(target=self._loop, name="stream-batcher", daemon=True)
         self._thread.start()
 
-    @property
-    def streams(self) -> int:
-        return self._streams
-
     def proxy(self) -> "BatchedDiT":
         """A stand-in model whose streaming forwards go through this batcher (one per stream or shared)."""
         return BatchedDiT(self)

@@ -60,39 +60,40 @@ def _concurrent(batcher, jobs):
     return results
 
 
-def test_streams_at_different_positions_batch_and_match_solo_runs():
-    """Three streams with different inputs, lengths and start times (so at different absolute positions when
-    they share a forward) each equal their solo run; forwards were actually shared."""
-    model = random_tiny_model(3)
-    jobs = [(0, 9, None), (1, 7, 0), (2, 5, 1)]      # stream 1 starts once stream 0 emitted 2 blocks, etc.
+def _solo_and_batched(model, jobs):
+    """Each job's stream alone, then all of them at once through one batcher -> (solo, batched, stats)."""
     solo = {seed: _stream(model, seed, blocks) for seed, blocks, _ in jobs}
     batcher = StreamBatcher(model, max_wait_s=5.0)   # wait for every participant: deterministic batches
     try:
         got = _concurrent(batcher, jobs)
     finally:
         batcher.close()
+    return solo, got, batcher.stats
+
+
+def test_streams_at_different_positions_batch_and_match_solo_runs():
+    """Three streams with different inputs, lengths and start times (so at different absolute positions when
+    they share a forward) each equal their solo run; forwards were actually shared."""
+    model = random_tiny_model(3)
+    jobs = [(0, 9, None), (1, 7, 0), (2, 5, 1)]      # stream 1 starts once stream 0 emitted 2 blocks, etc.
+    solo, got, stats = _solo_and_batched(model, jobs)
     for seed, _, _ in jobs:
         assert got[seed].shape == solo[seed].shape
         torch.testing.assert_close(got[seed], solo[seed], atol=2e-5, rtol=1e-4)
-    assert batcher.stats["max_batch"] >= 2, batcher.stats
-    assert batcher.stats["forwards"] < batcher.stats["calls"]
+    assert stats["max_batch"] >= 2, stats
+    assert stats["forwards"] < stats["calls"]
 
 
 def test_bf16_streams_batch_and_match_solo_runs():
     """The dtype users run on a GPU: batched bf16 streams equal their solo bf16 runs up to bf16 rounding."""
     model = random_tiny_model(3).to(torch.bfloat16)
     jobs = [(0, 6, None), (1, 5, None)]
-    solo = {seed: _stream(model, seed, blocks).float() for seed, blocks, _ in jobs}
-    batcher = StreamBatcher(model, max_wait_s=5.0)   # wait for every participant: deterministic batches
-    try:
-        got = _concurrent(batcher, jobs)
-    finally:
-        batcher.close()
+    solo, got, stats = _solo_and_batched(model, jobs)
     for seed, _, _ in jobs:
-        err = ((got[seed].float() - solo[seed]).norm() / solo[seed].norm()).item()
+        err = ((got[seed].float() - solo[seed].float()).norm() / solo[seed].float().norm()).item()
         print(f"bf16 batched vs solo, stream {seed}: relative error {err:.2e}")
         assert err < 0.02, (seed, err)
-    assert batcher.stats["max_batch"] >= 2
+    assert stats["max_batch"] >= 2
 
 
 def test_layout_key_separates_what_cannot_stack():
