@@ -10,7 +10,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ("configs/**/*.yaml", "assets/example.png", "assets/example.wav", "assets/demo/*")
+SHIPPED = ("configs/**/*.yaml", "assets/example.png", "assets/example.wav", "assets/demo/*", "assets/world_v2/*")
 
 
 def shipped_files() -> list[Path]:

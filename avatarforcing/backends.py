@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import AvatarForcingError
 
 # kind -> module that registers it when imported (the plugin table; the core imports nothing else of a backend)
-ENTRY_POINTS: dict[str, str] = {"world": "avatarforcing.world"}
+ENTRY_POINTS: dict[str, str] = {"world": "avatarforcing.world", "world_v2": "avatarforcing.world"}
 
 VaeFactory = Callable[[Any], Any]           # vae config section -> codec (encode / decode, WanVAE's interface)
 

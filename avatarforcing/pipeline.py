@@ -149,10 +149,13 @@ class AvatarPipeline:
         from .media import RESIZE_MODES
         if self.resize not in RESIZE_MODES:
             raise AvatarForcingError(f"inference.resize is '{self.resize}'; use keep_aspect (the release) or cover")
-        if self.height % 16 or self.width % 16 or self.height <= 0 or self.width <= 0:
+        _, ph, pw = self.model.cfg.patch_size
+        mh, mw = 8 * ph, 8 * pw                                        # 8x VAE x the DiT's spatial patch
+        if self.height % mh or self.width % mw or self.height <= 0 or self.width <= 0:
             raise AvatarForcingError(
-                f"inference size {self.height}x{self.width} is not a multiple of 16 (8x VAE x 2x2 DiT patch); use e.g. "
-                f"inference.height={max(16, round(self.height / 16) * 16)} inference.width={max(16, round(self.width / 16) * 16)}")
+                f"inference size {self.height}x{self.width} is not a multiple of {mh}x{mw} (8x VAE x {ph}x{pw} DiT "
+                f"patch); use e.g. inference.height={max(mh, round(self.height / mh) * mh)} "
+                f"inference.width={max(mw, round(self.width / mw) * mw)}")
         z = int(getattr(self.vae, "z_dim", 16))
         if self.model.cfg.in_dim != 2 * z + 1:
             raise AvatarForcingError(f"model.in_dim is {self.model.cfg.in_dim} but the VAE has {z} latent channels "

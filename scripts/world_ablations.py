@@ -45,7 +45,7 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import (FAST_GRID, FULL_GRID, TAIL_SECONDS, add_arguments, cli,  # noqa: E402
                                      parse_tables, print_summary, resolve_config, run_tables)
 from avatarforcing.world.evaluate import (HELD_OUT_WORLD_SEED, WorldScorer, case_item, held_out_cases,  # noqa: E402
-                                          load_metric_nets, run_overrides)
+                                          load_metric_nets, run_overrides, world_version)
 from avatarforcing.world.layout import RunLayout  # noqa: E402
 
 
@@ -119,7 +119,8 @@ def _main(args) -> int:
     grid = FAST_GRID if args.fast else FULL_GRID
     teacher_steps = args.teacher_steps or (4 if args.fast else int(cfg.ode.teacher_steps))
 
-    cases = held_out_cases(args.cases, args.seconds, size=size, seed=args.case_seed)
+    cases = held_out_cases(args.cases, args.seconds, size=size, seed=args.case_seed, version=world_version(cfg),
+                           cache_dir=run / "cases", workers=max(1, args.threads or 1))
     settings = {"run": str(run), "config": str(args.config), "overrides": list(args.overrides), "cases": args.cases,
                 "seconds": args.seconds, "frames": cases[0].num_frames, "case_world_seed": args.case_seed,
                 "case_clip_seeds": [c.seed for c in cases], "seed": args.seed, "fast": bool(args.fast),

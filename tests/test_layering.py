@@ -110,7 +110,7 @@ def test_core_has_no_dynamic_world_imports(path: Path):
 
 def test_registry_table_is_the_only_world_entry():
     from avatarforcing import backends
-    assert backends.ENTRY_POINTS == {"world": "avatarforcing.world"}
+    assert backends.ENTRY_POINTS == {"world": "avatarforcing.world", "world_v2": "avatarforcing.world"}
     assert _registry_table_lines()
 
 

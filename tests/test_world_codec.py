@@ -176,3 +176,21 @@ def test_training_on_rendered_clips(tmp_path):
     r = train_codec(None, steps=4, batch=2, size=16, width=8, num_res=1, pool_clips=2, pool_seconds=0.2,
                     refresh_every=2, eval_clips=1, eval_seconds=0.2, log_every=0)
     assert r["steps"] == 4 and r["heldout"] is True and r["pool_clips"] == 3 and np.isfinite(r["psnr"])
+
+
+def test_global_latent_scale_keeps_each_channels_share():
+    torch.manual_seed(0)
+    codec = WorldCodec(z_dim=8, width=8)
+    videos = [torch.rand(1, 3, 5, 16, 16) * 2 - 1 for _ in range(3)]
+    codec.compute_latent_stats(videos)
+    per_channel = codec.latents_std.clone()
+    codec.compute_latent_stats(videos, scale="global")
+    assert torch.allclose(codec.latents_std, per_channel.pow(2).mean().sqrt().expand(8), rtol=1e-4)
+    z = codec.encode_video(videos[0])
+    assert torch.allclose(codec.normalize(codec.denormalize(z)), z, atol=1e-5)
+    # normalised latents: unit variance on average over channels, each channel keeps its share
+    var = torch.cat([codec.encode_video(v) for v in videos]).var((0, 2, 3, 4))
+    assert var.mean().item() == pytest.approx(1.0, rel=0.05)
+    assert torch.allclose(var / var.mean(), per_channel.pow(2) / per_channel.pow(2).mean(), rtol=0.05)
+    with pytest.raises(AvatarForcingError, match="'channel' or 'global'"):
+        codec.compute_latent_stats(videos, scale="per-frame")

@@ -18,17 +18,24 @@ from avatarforcing.world.bench import Arm, build_pipe, evaluate_arms, rollout_ar
 from avatarforcing.world.controls import (FrozenNoise, controls, foreign_anchor, other_case, shift_wav,
                                           temporal_rope_offset)
 from avatarforcing.world.evaluate import held_out_cases
+from avatarforcing.world.speech_tts import espeak_available
+from avatarforcing.config import load_config
 from avatarforcing.stats import verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
 CKPT = ROOT / "assets" / "demo" / "model.pt"
-pytestmark = pytest.mark.skipif(not CKPT.is_file(), reason="the demo model is not shipped in this checkout")
+pytestmark = [pytest.mark.skipif(not CKPT.is_file(), reason="the demo model is not shipped in this checkout"),
+              pytest.mark.skipif(int(load_config(DEMO).world.version) == 2 and not espeak_available(),
+                                 reason="the demo is world v2, whose held-out speech needs espeak-ng "
+                                        "(apt-get install -y espeak-ng; .ci/run does)")]
 
 
 @pytest.fixture(scope="module")
 def cases():
-    return held_out_cases(2, 2.0)           # 50 frames: 4 blocks, so the temporal cache is read
+    from avatarforcing.config import load_config
+    cfg = load_config(DEMO)                 # the demo's world (version, size); 50 frames: 4 blocks, so the
+    return held_out_cases(2, 2.0, size=int(cfg.inference.height), version=int(cfg.world.version))  # cache is read
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +177,39 @@ def test_scripts_write_controls_and_claims(tmp_path):
     cache = next((tmp_path / "run" / "cache").iterdir())
     assert len(list(cache.iterdir())) == 1 + len(controls()) + len(claims_script.claim_arms(CKPT)) - 2
     assert _script("world_controls").main(args + ["--cases", "1"]) == 1          # a one-line error
+    # --dmd-window adds the item-3 claim: a second trained student (here the demo again) against the shipped one
+    assert claims_script.main(args + ["--dmd-window", str(CKPT)]) == 0
+    last = json.loads((tmp_path / "out" / "claims.json").read_text())[-1]
+    assert last["claim"] == claims_script.WINDOW_CLAIM[0] and last["winner_overrides"] == f"weights={CKPT}"
+    assert last["effect"] == pytest.approx(0.0, abs=1e-9) and last["verdict"] == "inconclusive"   # same weights
+    assert claims_script.main(args + ["--dmd-window", str(tmp_path / "missing.pt")]) == 1
+
+
+def test_drift_is_the_models_loss_beyond_the_real_videos():
+    """scripts/world_drift.py's measure: (Total - Last) of the rollout minus that of the real video, per case."""
+    drift = _script("world_drift")
+    real = {i: {"csim_total": 0.9, "csim_last": 0.88 + 0.001 * i} for i in range(8)}      # the video itself changes
+    same = {i: dict(r) for i, r in real.items()}
+    worse = {i: {"csim_total": 0.9, "csim_last": 0.80 + 0.002 * i} for i in range(8)}
+    assert drift.drift_entry("same", same, real, 2000)["drift"] == pytest.approx(0.0, abs=1e-12)
+    assert not drift.drift_entry("same", same, real, 2000)["drifts"]
+    e = drift.drift_entry("worse", worse, real, 2000)
+    assert e["drifts"] and e["ci_low"] > 0 and e["drift"] == pytest.approx(np.mean(
+        [(0.9 - (0.80 + 0.002 * i)) - (0.9 - (0.88 + 0.001 * i)) for i in range(8)]))
+    # lower-is-better metrics count a rise as a loss
+    dist = {i: {"csim_total": 0.9, "csim_last": 0.9, "delta_e_total": 2.0, "delta_e_last": 3.0} for i in range(8)}
+    flat = {i: {"csim_total": 0.9, "csim_last": 0.9, "delta_e_total": 2.0, "delta_e_last": 2.0} for i in range(8)}
+    assert drift.drift_entry("d", dist, flat, 2000)["all_metrics"]["delta_e"]["drift"] == pytest.approx(1.0)
+
+
+def test_drift_script_runs_a_trained_baseline_arm(tmp_path):
+    nets = tmp_path / "nets.pt"
+    MetricNets.random().save(nets)
+    args = ["--cases", "2", "--seconds", "1.5", "--metric-nets", str(nets), "--run", str(tmp_path / "run"),
+            "--out", str(tmp_path / "out"), "--resamples", "2000", "--baseline", str(CKPT)]
+    assert _script("world_drift").main(args) == 0
+    entries = json.loads((tmp_path / "out" / "drift.json").read_text())
+    assert [e["arm"] for e in entries] == [a.name for a in _script("world_drift").drift_arms(str(CKPT))]
+    for e in entries:
+        assert e["n_cases"] == 2 and e["ci_low"] <= e["drift"] <= e["ci_high"] and e["drifts"] == (e["ci_low"] > 0)
+    assert _script("world_drift").main(args[:-1] + [str(tmp_path / "missing.pt")]) == 1

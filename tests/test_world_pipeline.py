@@ -5,7 +5,7 @@ import pytest
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.config import load_config
-from avatarforcing.world.pipeline import BASELINE_STAGES, STAGES, run_pipeline
+from avatarforcing.world.pipeline import BASELINE_STAGES, COMPARISON_STAGES, STAGES, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,16 @@ def fast_run(tmp_path_factory):
 
 def test_every_stage_runs_and_exports(fast_run):
     run, cfg, state, messages = fast_run
-    every = STAGES + BASELINE_STAGES
+    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES
     assert [s for s in every if state.get(s, {}).get("done")] == list(every)
-    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing"):
+    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing", "dmd_window"):
         assert (run / stage / "export" / "model.pt").is_file()
     assert (run / "codec.pt").is_file() and (run / "metric_nets.pt").is_file()
     assert json.loads((run / "state.json").read_text())["dmd"]["done"] is True
     assert state["codec"]["result"]["psnr"] > 10
+    from omegaconf import OmegaConf
+    grad_blocks = {s: OmegaConf.load(run / s / "config.yaml").dmd.grad_blocks for s in ("dmd", "dmd_window")}
+    assert grad_blocks == {"dmd": "emitted", "dmd_window": "window"}
 
 
 def test_second_call_resumes_without_redoing_work(fast_run):
@@ -40,3 +43,21 @@ def test_unknown_stage_is_an_error(fast_run):
     _, cfg, _, _ = fast_run
     with pytest.raises(AvatarForcingError, match="unknown stage"):
         run_pipeline(cfg, ["teachr"])
+
+
+def test_world_v2_runs_every_stage(tmp_path):
+    """World v2 (espeak-ng speech, viseme mouths, 4x4 patches) through every stage, its own metric backend."""
+    from avatarforcing.world.speech_tts import espeak_available
+    if not espeak_available():
+        pytest.skip("espeak-ng not installed (apt-get install -y espeak-ng; .ci/run does)")
+    cfg = load_config("configs/world/fast.yaml", [f"world.run={tmp_path}", "world.version=2", "world.baselines=false",
+                                                  "model.patch_size=[1,4,4]", "world.size=32", "data.height=32",
+                                                  "data.width=32", "inference.height=32", "inference.width=32",
+                                                  "world.metric_size=32"])
+    state = run_pipeline(cfg, progress=lambda *_: None)
+    assert [s for s in STAGES if state.get(s, {}).get("done")] == list(STAGES)
+    clip = json.loads((tmp_path / "data" / "clip_00000.json").read_text())
+    assert clip["version"] == 2 and clip["size"] == 32 and clip["phonemes"]
+    from avatarforcing.metrics import MetricNets
+    assert MetricNets.load(tmp_path / "metric_nets.pt").backend == "world_v2"
+    assert state["evaluate"]["result"]["rows"]

@@ -58,6 +58,7 @@ class Arm:
     tag: str = ""
     drive: Callable[[Case], Case] | None = None
     inject: Injection | None = None
+    checkpoint: str | None = None          # other weights than the bench's student (e.g. a trained baseline)
 
     def __post_init__(self):
         if (self.drive is not None or self.inject is not None) and not self.tag:
@@ -67,7 +68,8 @@ class Arm:
     @property
     def key(self) -> str:
         """Hash of what the arm does (overrides, tag): the name of its cache folder."""
-        return hashlib.sha1(json.dumps([list(self.overrides), self.tag]).encode()).hexdigest()[:12]
+        what = [list(self.overrides), self.tag] + ([file_digest(self.checkpoint)] if self.checkpoint else [])
+        return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:12]
 
     def injected(self, pipe, case: Case, cases: Sequence[Case]) -> ContextManager:
         return self.inject(pipe, case, cases) if self.inject is not None else contextlib.nullcontext()
@@ -111,7 +113,7 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
 
     def rollout(arm, case):
         if arm.name not in pipes:
-            pipes[arm.name] = build_pipe(cfg, checkpoint, arm.overrides)
+            pipes[arm.name] = build_pipe(cfg, arm.checkpoint or checkpoint, arm.overrides)
         return rollout_arm(arm, pipes[arm.name], case, cases, seed)
 
     for case in cases:
@@ -219,7 +221,7 @@ def open_bench(config, checkpoint=None, run="runs/controls", cases: int = 10, se
     (``metric_nets``, default ``RUN/metric_nets.pt``, trained if absent: :func:`metric_nets_for`), ``cases``
     held-out cases of ``seconds``, and the cache folder ``RUN/cache/<fingerprint of the settings>``."""
     from ..config import load_config, resolve_path
-    from .evaluate import HELD_OUT_WORLD_SEED, held_out_cases, load_metric_nets
+    from .evaluate import HELD_OUT_WORLD_SEED, held_out_cases, load_metric_nets, world_version
 
     cfg = load_config(config)
     ckpt = resolve_path(checkpoint or cfg.inference.checkpoint or "")
@@ -229,12 +231,14 @@ def open_bench(config, checkpoint=None, run="runs/controls", cases: int = 10, se
     nets = load_metric_nets(metric_nets) if metric_nets else metric_nets_for(cfg, run, threads, progress)
     nets_path = Path(metric_nets) if metric_nets else RunLayout(run).metric_nets
     case_seed = HELD_OUT_WORLD_SEED if case_seed is None else int(case_seed)
-    held = held_out_cases(cases, seconds, size=int(cfg.inference.height), seed=case_seed)
+    version = world_version(cfg)
+    held = held_out_cases(cases, seconds, size=int(cfg.inference.height), seed=case_seed, version=version,
+                          cache_dir=Path(run) / "cases", workers=max(1, int(threads)))
     codec = resolve_path(cfg.vae.path) if cfg.vae.path else None
     settings = {"config": str(config), "checkpoint": str(ckpt), "checkpoint_sha1": file_digest(ckpt),
                 "codec_sha1": file_digest(codec) if codec else None, "metric_nets": str(nets_path),
                 "metric_nets_sha1": file_digest(nets_path), "cases": int(cases), "seconds": float(seconds),
-                "frames": held[0].num_frames, "case_world_seed": case_seed, "clip_seeds": [c.seed for c in held],
+                "frames": held[0].num_frames, "case_world_seed": case_seed, "world_version": version, "clip_seeds": [c.seed for c in held],
                 "seed": int(seed), "tail_seconds": float(tail_seconds)}
     return Bench(cfg, str(ckpt), nets, held, settings, Path(run) / "cache" / fingerprint(settings))
 

@@ -327,9 +327,16 @@ class WorldCodec(nn.Module):
 
     # ---- latent statistics ---------------------------------------------------------------------
     @torch.no_grad()
-    def compute_latent_stats(self, videos: Sequence[torch.Tensor], min_std: float = 1e-3) -> None:
+    def compute_latent_stats(self, videos: Sequence[torch.Tensor], min_std: float = 1e-3,
+                             scale: str = "channel") -> None:
         """Set per-channel ``latents_mean`` / ``latents_std`` from videos [3, T, H, W] or [B, 3, T, H, W]
-        (T = 1 + 4k), so that normalised latents have ~zero mean and unit variance."""
+        (T = 1 + 4k), so that normalised latents have ~zero mean and unit variance (``scale="channel"``, as
+        WanVAE's statistics do), or one std for all channels, their root-mean-square (``"global"``): unit variance
+        on average, and each channel keeps its share.  The codec's channels are PCA-like (the strongest carries
+        ~45x the std of the weakest at 48 channels); per-channel whitening would give the faint detail channels
+        the DiT loss weight of the face's layout, a global scale keeps latent distances proportional to pixels."""
+        if scale not in ("channel", "global"):
+            raise AvatarForcingError(f"latent scale must be 'channel' or 'global', got '{scale}'")
         total = torch.zeros(self.z_dim, dtype=torch.float64)
         sq = torch.zeros(self.z_dim, dtype=torch.float64)
         n = 0
@@ -342,7 +349,8 @@ class WorldCodec(nn.Module):
         if n == 0:
             raise AvatarForcingError("compute_latent_stats got no videos")
         mean = total / n
-        std = (sq / n - mean ** 2).clamp_min(0).sqrt().clamp_min(min_std)
+        var = (sq / n - mean ** 2).clamp_min(0)
+        std = (var.mean().sqrt().expand_as(var) if scale == "global" else var.sqrt()).clamp_min(min_std)
         self.latents_mean.copy_(mean.to(self.latents_mean))
         self.latents_std.copy_(std.to(self.latents_std))
 
@@ -445,11 +453,12 @@ class ClipPool:
     seeing new identities at a small, amortised cost."""
 
     def __init__(self, clips: Sequence[np.ndarray] = (), world_seed: int | None = None, seconds: float = 1.0,
-                 size: int = 64):
+                 size: int = 64, version: int = 1):
         self.clips: list[np.ndarray] = []
         self.world_seed = world_seed
         self.seconds = seconds
         self.size = size
+        self.version = version
         self.next_index = 0
         for c in clips:
             self.add(c)
@@ -470,7 +479,7 @@ class ClipPool:
         for _ in range(n):
             seed = clip_seed(self.world_seed, self.next_index)
             self.next_index += 1
-            self.add(generate_clip(seed, self.seconds, self.size).frames)
+            self.add(generate_clip(seed, self.seconds, self.size, self.version).frames)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -500,12 +509,12 @@ class ClipPool:
         return torch.from_numpy(out).permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
-def _heldout_videos(seed: int, n: int, seconds: float, size: int) -> list[torch.Tensor]:
+def _heldout_videos(seed: int, n: int, seconds: float, size: int, version: int = 1) -> list[torch.Tensor]:
     """Clips from seeds no training run uses (a separate world seed), trimmed to 1 + 4k frames."""
     from .dataset import clip_seed, generate_clip
     out = []
     for i in range(n):
-        frames = generate_clip(clip_seed(1_000_003 + seed, i), seconds, size).frames
+        frames = generate_clip(clip_seed(1_000_003 + seed, i), seconds, size, version).frames
         T = 1 + (len(frames) - 1) // TEMPORAL_RATIO * TEMPORAL_RATIO
         out.append(frames_to_tensor(frames[:T])[None])
     return out
@@ -539,7 +548,7 @@ def train_codec(out_path: os.PathLike | str | None, steps: int = 2500, batch: in
                 pool_clips: int = 64, pool_seconds: float = 0.6, pool_max: int = 1000, refresh_every: int = 2,
                 eval_clips: int = 16, eval_seconds: float = 1.0, threads: int | None = 1,
                 static_fraction: float = 0.2, channels_last: bool = True, pca_init: bool = True,
-                codec: WorldCodec | None = None) -> dict:
+                codec: WorldCodec | None = None, version: int = 1, latent_scale: str = "channel") -> dict:
     """Train a WorldCodec on groups of frames of the synthetic world; save it to ``out_path`` (None: don't).
 
     Data: ``clips`` (Clip objects or uint8 [T, H, W, 3] arrays) if given, else a pool of ``pool_clips``
@@ -555,6 +564,8 @@ def train_codec(out_path: os.PathLike | str | None, steps: int = 2500, batch: in
     After training: ``latents_mean`` / ``latents_std`` from whole pool clips; PSNR (uint8, all frames) of
     encode_video -> decode on ``eval_clips`` clips of ``eval_seconds`` from seeds no training run uses
     (``heldout`` True), or on 4 of the given ``clips`` when clips were given (``heldout`` False).
+    ``version`` picks the world the pool and the held-out clips are rendered from (1 or 2, ``generate_clip``).
+    ``latent_scale``: the normalisation of the latents (``WorldCodec.compute_latent_stats``: channel | global).
 
     Returns dict(psnr, seconds (total), steps, train_seconds, render_seconds, loss_first, loss_last (pixel
     MSE), params, heldout, pool_clips, path, codec (the trained WorldCodec, eval mode))."""
@@ -574,7 +585,7 @@ def train_codec(out_path: os.PathLike | str | None, steps: int = 2500, batch: in
 
 def _train(out_path, steps, batch, size, seed, clips, log_every, time_budget_s, lr, crop, z_dim, width, num_res,
            widths, latent_noise, latent_l2, l1_weight, pool_clips, pool_seconds, pool_max, refresh_every, eval_clips,
-           eval_seconds, static_fraction, channels_last, pca_init, codec) -> dict:
+           eval_seconds, static_fraction, channels_last, pca_init, codec, version, latent_scale) -> dict:
     t_start = time.time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -587,7 +598,7 @@ def _train(out_path, steps, batch, size, seed, clips, log_every, time_budget_s, 
             raise AvatarForcingError("train_codec got an empty list of clips")
         refresh_every = 0
     else:
-        pool = ClipPool(world_seed=seed, seconds=pool_seconds, size=size)
+        pool = ClipPool(world_seed=seed, seconds=pool_seconds, size=size, version=version)
         pool.add_rendered(pool_clips)
     render_s += time.time() - t0
     H, W = pool.clips[0].shape[1:3]
@@ -654,10 +665,10 @@ def _train(out_path, steps, batch, size, seed, clips, log_every, time_budget_s, 
     for c in pool.clips[: min(len(pool), 64)]:
         T = 1 + (len(c) - 1) // TEMPORAL_RATIO * TEMPORAL_RATIO
         stats_videos.append(frames_to_tensor(c[:T])[None])
-    codec.compute_latent_stats(stats_videos)
+    codec.compute_latent_stats(stats_videos, scale=latent_scale)
 
     t0 = time.time()
-    heldout = _heldout_videos(seed, eval_clips, eval_seconds, H) if eval_clips and clips is None and H == W else []
+    heldout = _heldout_videos(seed, eval_clips, eval_seconds, H, version) if eval_clips and clips is None and H == W else []
     render_s += time.time() - t0
     value = evaluate_codec(codec, heldout) if heldout else evaluate_codec(codec, stats_videos[-4:])
     n_first = max(1, min(20, len(losses) // 10))
@@ -683,13 +694,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crop", type=int, default=0, help="0 = whole frames")
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--z-dim", type=int, default=16, help="latent channels")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--version", type=int, default=1, choices=(1, 2), help="world version to train on")
+    p.add_argument("--refresh-every", type=int, default=2, help="steps between new pool identities (0 = never)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     r = train_codec(a.out, steps=a.steps, batch=a.batch, size=a.size, seed=a.seed, crop=a.crop or None,
-                    width=a.width, lr=a.lr, time_budget_s=a.time_budget, log_every=a.log_every)
+                    width=a.width, lr=a.lr, time_budget_s=a.time_budget, log_every=a.log_every, version=a.version,
+                    refresh_every=a.refresh_every, z_dim=a.z_dim)
     r.pop("codec")
     print(json.dumps(r, indent=1))
 

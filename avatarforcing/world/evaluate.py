@@ -14,7 +14,10 @@ ablation runner (avatarforcing/ablations.py, which also holds the student / teac
 
 Held-out cases
     Clip i of world seed ``seed`` (default :data:`HELD_OUT_WORLD_SEED` = 10_000) is
-    ``generate_clip(clip_seed(10_000, i), seconds, size)``.  Training data comes from world seed 0
+    ``generate_clip(clip_seed(10_000, i), seconds, size, version)``.  World v2 cases carry the ground-truth mouth
+    opening (``Case.mouth_truth``); lip sync is then measured against it instead of the speech loudness.  A v2
+    clip of minutes takes minutes to render: ``cache_dir`` keeps one .npz per case, ``workers`` renders in
+    parallel processes.  Training data comes from world seed 0
     (``clip_seed(0, i)``, the codec's pool, the preprocessing of ``write_world(seed=0)``), the codec's held-out
     PSNR from world seed 1_000_003 + s and the metric nets from identity seeds 10_000_000 + ..., so the
     evaluation identities / speech / motion are never seen in training (clip seeds are 32-bit hashes of
@@ -34,8 +37,11 @@ Latency (avatarforcing/ablations.py's rollouts)
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -64,6 +70,7 @@ class Case:
     seed: int                      # clip seed (generate_clip)
     index: int = 0                 # index within the held-out world
     world_seed: int = HELD_OUT_WORLD_SEED
+    mouth_truth: np.ndarray | None = None   # float32 [T] ground-truth mouth opening (world v2); None: v1
 
     @property
     def num_frames(self) -> int:
@@ -78,21 +85,59 @@ class Case:
         return len(self.wav) / SAMPLE_RATE
 
 
-def held_out_cases(num: int, seconds: float, size: int = 64, seed: int = HELD_OUT_WORLD_SEED) -> list[Case]:
-    """``num`` evaluation clips: clip i is ``generate_clip(clip_seed(seed, i), seconds, size)`` (deterministic)."""
+def held_out_cases(num: int, seconds: float, size: int = 64, seed: int = HELD_OUT_WORLD_SEED, version: int = 1,
+                   cache_dir=None, workers: int = 1) -> list[Case]:
+    """``num`` evaluation clips: clip i is ``generate_clip(clip_seed(seed, i), seconds, size, version)``
+    (deterministic).  ``cache_dir``: reuse / write one .npz per case (:func:`case_cache_path`); ``workers`` > 1
+    renders the clips in that many processes."""
     if num < 1 or seconds <= 0:
         raise AvatarForcingError(f"held_out_cases needs num >= 1 and seconds > 0, got {num} and {seconds}")
     if seed in (TRAIN_WORLD_SEED, CODEC_HELD_OUT_WORLD_SEED):
         raise AvatarForcingError(f"world seed {seed} is used in training; pick another held-out world seed "
                                  f"(default {HELD_OUT_WORLD_SEED})")
-    cases = []
-    for i in range(num):
-        clip = generate_clip(clip_seed(seed, i), seconds, size)
+    if version not in (1, 2):
+        raise AvatarForcingError(f"held_out_cases needs world version 1 or 2, got {version}")
+    if workers < 1:
+        raise AvatarForcingError(f"held_out_cases needs workers >= 1, got {workers}")
+    args = [(seed, i, seconds, size, version, cache_dir) for i in range(num)]
+    if workers > 1 and num > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, num)) as pool:
+            return list(pool.map(held_out_case, *zip(*args)))
+    return [held_out_case(*a) for a in args]
+
+
+def case_cache_path(cache_dir, seed: int, index: int, seconds: float, size: int, version: int = 1) -> Path:
+    """The .npz of one held-out case in ``cache_dir``: named by (version, world seed, index, seconds, size)."""
+    return Path(cache_dir) / f"world_v{version}_seed{seed}_case{index}_{float(seconds)!r}s_{size}px.npz"
+
+
+def held_out_case(seed: int, index: int, seconds: float, size: int = 64, version: int = 1, cache_dir=None) -> Case:
+    """Held-out case ``index`` of world ``seed`` (see :func:`held_out_cases`), read from / written to ``cache_dir``."""
+    path = case_cache_path(cache_dir, seed, index, seconds, size, version) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    else:
+        clip = generate_clip(clip_seed(seed, index), seconds, size, version)
         if len(clip.frames) < 2:
             raise AvatarForcingError(f"{seconds} s is too short for an evaluation clip; use >= 0.1 s")
-        cases.append(Case(reference=clip.frames[0].copy(), wav=clip.wav.astype(np.float32), real_frames=clip.frames,
-                          seed=clip.seed, index=i, world_seed=seed))
-    return cases
+        arrays = dict(frames=clip.frames, wav=clip.wav.astype(np.float32), seed=np.int64(clip.seed))
+        if version == 2:
+            arrays["mouth_truth"] = clip.motion.mouth[:, 0].astype(np.float32)
+        if path is not None:                                 # atomic: a cache file is complete or absent
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+    frames = arrays["frames"]
+    return Case(reference=frames[0].copy(), wav=arrays["wav"], real_frames=frames, seed=int(arrays["seed"]),
+                index=index, world_seed=seed, mouth_truth=arrays.get("mouth_truth"))
+
+
+def world_version(cfg) -> int:
+    """The world a config's cases come from: ``world.version``, or 1 for configs without a ``world:`` section."""
+    return int(cfg.world.version) if "world" in cfg else 1
 
 
 def training_clip_seeds(num: int, world_seed: int = TRAIN_WORLD_SEED) -> set[int]:
@@ -118,12 +163,22 @@ def real_feature_stats(cases: Sequence[Case], nets):
 
 def evaluate_variant(frames: np.ndarray, case: Case, nets, real_feats, tail_seconds: float = 10.0,
                      latency: float | None = None) -> dict:
-    """evaluate_video on one rollout (driving audio = the case's) + ``latency_s_per_frame``."""
+    """evaluate_video on one rollout (driving audio = the case's) + ``latency_s_per_frame``.  Lip sync is measured
+    against the case's ``mouth_truth`` where it has one (world v2), else against the speech loudness."""
     from ..metrics import evaluate_video
 
-    out = evaluate_video(frames, case.wav, case.reference, nets, real_feats, fps=FPS, tail_seconds=tail_seconds)
+    truth = getattr(case, "mouth_truth", None)
+    envelope = None if truth is None else partial(_truth_envelope, truth)
+    out = evaluate_video(frames, case.wav, case.reference, nets, real_feats, fps=FPS, tail_seconds=tail_seconds,
+                         envelope=envelope)
     out["latency_s_per_frame"] = float("nan") if latency is None else float(latency)
     return out
+
+
+def _truth_envelope(truth: np.ndarray, wav, sample_rate: int, fps: int, num_frames: int) -> np.ndarray:
+    """evaluate_video's ``envelope`` hook: the ground-truth mouth opening cut / edge-padded to ``num_frames``."""
+    truth = np.asarray(truth, np.float32)[:num_frames]
+    return np.pad(truth, (0, num_frames - len(truth)), mode="edge") if len(truth) else np.zeros(num_frames, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,10 +194,16 @@ def run_overrides(run_dir) -> list[str]:
 METRIC_KEYS = ("csim", "delta_e", "adj_feat", "adj_pixel", "sync_conf", "sync_offset", "sync_dist", "fid")
 
 
-def case_item(case: Case) -> EvalItem:
+@dataclass
+class CaseItem(EvalItem):
+    """The ablation runner's evaluation item with the case's ground-truth mouth opening (None for world v1)."""
+    mouth_truth: np.ndarray | None = None
+
+
+def case_item(case: Case) -> CaseItem:
     """A held-out case as the ablation runner's evaluation item (per-item CSV columns: case, clip_seed)."""
-    return EvalItem(f"case{case.index}", case.reference, case.wav, case.real_frames,
-                    info={"case": case.index, "clip_seed": case.seed})
+    return CaseItem(f"case{case.index}", case.reference, case.wav, case.real_frames,
+                    info={"case": case.index, "clip_seed": case.seed}, mouth_truth=case.mouth_truth)
 
 
 def evaluate_run(run_dir, cfg_path, variants: Mapping[str, tuple], cases: Sequence[Case], nets,
@@ -190,8 +251,9 @@ METRIC_LEGEND = (
     "identity net's embeddings to the reference; ΔE2000 = colour drift of the centre face crop vs. the reference; "
     "Adj-feat = LPIPS-style feature distance of adjacent frames (flicker, shown x1e-2), Adj-pixel = mean absolute "
     "difference of adjacent frames (0-255); Sync-C = correlation of the sync expert's mouth opening with the speech "
-    "envelope at the best offset, Sync offset = |best offset| in frames; FID = Fréchet distance of identity-net "
-    "features to the real held-out frames.  Each cell is Total / Last (whole rollout / final 10 s), mean over cases.  "
+    "envelope (world v2: with the ground-truth mouth opening) at the best offset, Sync offset = |best offset| in "
+    "frames; FID = Fréchet distance of identity-net features to the real held-out frames.  Each cell is Total / "
+    "Last (whole rollout / final 10 s), mean over cases.  "
     "Latency = steady-state s/frame (Table 2 protocol: sampler step incl. audio encoding, DiT window, KV update, and "
     "VAE decode, excluding start-up, the first emitting step and the drain), on this machine's CPU; the teacher's "
     "is its whole-clip wall time (encode + Euler ODE sample + decode) over the frames.")

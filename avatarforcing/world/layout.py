@@ -6,7 +6,8 @@
     RUN/codec.pt                        the light codec (stage codec; vae.path)
     RUN/shards/                         preprocessed training samples (stage shards; data.shards)
     RUN/ode/, RUN/ode_causal/           ODE pairs of the teacher's backfill, windowed / causal (data.ode)
-    RUN/<stage dir>/export/model.pt     a trained stage's export (teacher, ode_student, dmd, causal_ode, self_forcing)
+    RUN/<stage dir>/export/model.pt     a trained stage's export (teacher, ode_student, dmd, causal_ode, self_forcing,
+                                        dmd_window)
     RUN/metric_nets.pt                  the metric networks (stage metric_nets)
     RUN/eval/                           evaluation tables and samples (stage evaluate)
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 # model name -> training folder under RUN (the folder holds export/model.pt)
 MODEL_DIRS = {"teacher": "teacher", "ode": "ode_student", "dmd": "dmd", "causal_ode": "causal_ode",
-              "self_forcing": "self_forcing"}
+              "self_forcing": "self_forcing", "dmd_window": "dmd_window"}
 
 
 class RunLayout:

@@ -2,6 +2,7 @@
 
     data -> codec -> shards -> teacher -> backfill -> ode -> dmd -> metric_nets -> evaluate [-> ship]
     [world.baselines: causal_backfill -> causal_ode -> self_forcing (Table 6's one-step causal baselines)]
+    [world.dmd_window: dmd_window (DMD with dmd.grad_blocks=window, to compare with the emitted-block default)]
 
 Every stage calls the same package code a user runs on real data (``scripts/preprocess.py``,
 ``train_teacher.py``, ``scripts/ode_backfill.py``, ``train_ode.py``, ``train_dmd.py``); only the config
@@ -34,6 +35,9 @@ STAGES = ("data", "codec", "shards", "teacher", "backfill", "ode", "dmd", "metri
 # but with L = 1 (one level, t = 1000, no look-ahead): causal ODE regression, then DMD on it (Self-Forcing 1-step).
 BASELINE_STAGES = ("causal_backfill", "causal_ode", "self_forcing")
 CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
+# Optional (world.dmd_window=true): the same DMD stage with the loss on every block of the chosen window
+# (dmd.grad_blocks=window) instead of the emitted block only, from the same teacher and ODE student.
+COMPARISON_STAGES = ("dmd_window",)
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
 
 
@@ -70,7 +74,7 @@ def stage_data(run: Run) -> dict:
     from .dataset import write_world
     w = run.cfg.world
     index = write_world(run.data, num_clips=int(w.clips), seconds=float(w.seconds), size=int(w.size),
-                        seed=int(w.seed), workers=int(w.workers), log=log.info)
+                        seed=int(w.seed), workers=int(w.workers), log=log.info, version=int(w.version))
     return {"index": str(index), "clips": int(w.clips), "seconds_each": float(w.seconds)}
 
 
@@ -78,7 +82,9 @@ def stage_codec(run: Run) -> dict:
     from .codec import train_codec
     w = run.cfg.world
     res = train_codec(run.codec, steps=int(w.codec_steps), size=int(w.size), seed=int(w.seed),
-                      time_budget_s=float(w.codec_minutes) * 60, z_dim=int(run.cfg.vae.z_dim))
+                      time_budget_s=float(w.codec_minutes) * 60, z_dim=int(run.cfg.vae.z_dim),
+                      crop=int(w.codec_crop) or None, refresh_every=int(w.codec_refresh_every), version=int(w.version),
+                      latent_scale=str(w.codec_latent_scale))
     return {k: res[k] for k in ("psnr", "steps", "seconds") if k in res}
 
 
@@ -118,19 +124,25 @@ def stage_ode(run: Run) -> dict:
                                                                   "train.init_ema=true"])
 
 
-def stage_dmd(run: Run) -> dict:
+def stage_dmd(run: Run, name: str = "dmd", extra=()) -> dict:
     from ..train.dmd import DMDStage
-    return _train(run, DMDStage, "dmd", "dmd_overrides", [
+    return _train(run, DMDStage, name, "dmd_overrides", [
         f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true",
-        f"dmd.generator={run.export('ode_student')}", "dmd.generator_ema=true"])
+        f"dmd.generator={run.export('ode_student')}", "dmd.generator_ema=true", *extra])
+
+
+def stage_dmd_window(run: Run) -> dict:
+    return stage_dmd(run, "dmd_window", ["dmd.grad_blocks=window"])
 
 
 def stage_metric_nets(run: Run) -> dict:
     from ..metrics import MetricNets
     w = run.cfg.world
     t0 = time.time()
-    MetricNets.train(run.metric_nets, num_ids=int(w.metric_ids), sync_steps=int(w.metric_steps), id_steps=int(w.metric_steps),
-                     size=int(w.size), seed=int(w.seed), threads=int(w.threads), log=log.info)
+    MetricNets.train(run.metric_nets, num_ids=int(w.metric_ids), frames_per_id=int(w.metric_frames_per_id),
+                     sync_steps=int(w.metric_sync_steps), id_steps=int(w.metric_steps),
+                     size=int(w.metric_size), seed=int(w.seed), threads=int(w.threads), log=log.info,
+                     backend=metric_backend_name(int(w.version)))
     return {"path": str(run.metric_nets), "seconds": time.time() - t0}
 
 
@@ -139,7 +151,8 @@ def stage_evaluate(run: Run) -> dict:
     from . import evaluate as E
     w = run.cfg.world
     cfg = run.stage_cfg()
-    cases = E.held_out_cases(int(w.eval_cases), float(w.eval_seconds), size=int(w.size))
+    cases = E.held_out_cases(int(w.eval_cases), float(w.eval_seconds), size=int(w.size), version=int(w.version),
+                             cache_dir=run.dir / "cases", workers=int(w.workers))
     nets = E.load_metric_nets(run.metric_nets)
     variants = {
         "Teacher": ("teacher", run.export("teacher"), []),
@@ -172,11 +185,16 @@ def stage_self_forcing(run: Run) -> dict:
         "dmd.generator_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}"])
 
 
+def metric_backend_name(version: int) -> str:
+    """The metric backend (avatarforcing/backends.py) that matches a world version."""
+    return "world" if version == 1 else f"world_v{version}"
+
+
 STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
     "causal_backfill": stage_causal_backfill, "causal_ode": stage_causal_ode, "self_forcing": stage_self_forcing,
     "data": stage_data, "codec": stage_codec, "shards": stage_shards, "teacher": stage_teacher,
     "backfill": stage_backfill, "ode": stage_ode, "dmd": stage_dmd, "metric_nets": stage_metric_nets,
-    "evaluate": stage_evaluate,
+    "evaluate": stage_evaluate, "dmd_window": stage_dmd_window,
 }
 
 
@@ -190,39 +208,44 @@ def ship(run: Run, dest: Path = DEMO_DIR) -> Path:
     shutil.copy2(run.codec, dest / "codec.pt")
     summary = {k: {"seconds": v.get("seconds")} for k, v in run.state.items()}
     (dest / "pipeline_state.json").write_text(json.dumps(summary, indent=2))
-    write_examples(dest.parent)
+    write_examples(dest.parent, version=int(run.cfg.world.version))
     return dest
 
 
-def write_examples(assets: Path, seconds: float = 8.0, seed: int = 4242) -> None:
+def write_examples(assets: Path, seconds: float = 8.0, seed: int = 4242, version: int = 1) -> None:
     """The default inputs of inference.py: a held-out identity's reference frame and 8 s of its speech."""
     from PIL import Image
 
     from ..media import write_wav
-    from .dataset import clip_seed, sample_reference
-    from .speech import synth_speech
+    from .dataset import clip_seed, generate_clip, sample_reference
     s = clip_seed(seed, 0)
-    Image.fromarray(sample_reference(s, 256)).save(assets / "example.png")
-    write_wav(assets / "example.wav", synth_speech(seconds, s).wav, 16000)
+    if version == 1:
+        from .speech import synth_speech
+        Image.fromarray(sample_reference(s, 256)).save(assets / "example.png")
+        write_wav(assets / "example.wav", synth_speech(seconds, s).wav, 16000)
+        return
+    clip = generate_clip(s, seconds, 256, version)
+    Image.fromarray(clip.frames[0]).save(assets / "example.png")
+    write_wav(assets / "example.wav", clip.wav, 16000)
 
 
 def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     """Run (or resume) the stages in order; returns ``state.json``'s content."""
-    if int(cfg.world.version) != 1:
-        raise AvatarForcingError(f"world.version={cfg.world.version}: only world v1 trains so far; world v2's data "
-                                 "generator exists (avatarforcing/world/dataset.py generate_clip(version=2)) but its "
-                                 "codec, metric nets and evaluation are not wired into the pipeline yet; use world.version=1")
+    if int(cfg.world.version) not in (1, 2):
+        raise AvatarForcingError(f"world.version={cfg.world.version}: choose 1 (the 64x64 world) or 2 (world v2, "
+                                 "configs/world/v2.yaml)")
     torch.set_num_threads(int(cfg.world.threads))
     torch.set_flush_denormal(True)
     run = Run(cfg)
     OmegaConf.save(cfg, run.config_path)
-    order = STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
+    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES
+    order = STAGES + (BASELINE_STAGES if cfg.world.baselines else ()) + (COMPARISON_STAGES if cfg.world.dmd_window else ())
     wanted = list(stages or order)
-    unknown = [s for s in wanted if s not in STAGES + BASELINE_STAGES]
+    unknown = [s for s in wanted if s not in every]
     if unknown:
-        raise AvatarForcingError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES + BASELINE_STAGES)}")
+        raise AvatarForcingError(f"unknown stage(s) {unknown}; choose from {', '.join(every)}")
     t_all = time.time()
-    for name in STAGES + BASELINE_STAGES:
+    for name in every:
         if name not in wanted:
             continue
         if run.done(name):

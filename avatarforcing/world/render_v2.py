@@ -237,7 +237,7 @@ def _draw_face_texture(ident: IdentityV2, u, v, shape, blink, px, noise) -> np.n
     return img
 
 
-def render_v2(identity: IdentityV2, mouth, head_pose, light, blink, size: int = 128, supersample: int = 2,
+def render_v2(identity: IdentityV2, mouth, head_pose, light, blink, size: int = 128, supersample: int = 1,
               chunk: int = 8) -> np.ndarray:
     """Render T frames -> uint8 [T, size, size, 3]: mouth [T, 5] (SHAPE_KEYS), head_pose [T, 6] (POSE_KEYS),
     light [T, 4] (LIGHT_KEYS), blink [T].  Frames are independent: any subset of a clip renders alike."""
