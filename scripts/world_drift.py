@@ -98,7 +98,7 @@ def _main(args) -> int:
     real = {c.index: evaluate_variant(c.real_frames, c, bench.nets, real_feats, bench.settings["tail_seconds"])
             for c in bench.cases}
     entries = [drift_entry(name, rows, real, args.resamples) for name, rows in results.items()]
-    about = describe(bench, args.resamples) + f"; Last = final {bench.settings['tail_seconds']:g} s"
+    about = describe(bench, args.resamples)
     out = Path(args.out)
     write_json(out / "drift.json", entries)
     write_csv(out / "drift_per_case.csv", per_case_rows(dict(results, real=real), bench.cases))

@@ -152,13 +152,15 @@ def test_light_and_yaw_act_on_the_image():
 def test_v2_config():
     from avatarforcing.config import load_config
     cfg = load_config("configs/world/v2.yaml")
-    assert (cfg.world.version, cfg.world.size, cfg.data.height, cfg.inference.width) == (2, 128, 128, 128)
+    assert (cfg.world.version, cfg.world.size, cfg.data.height, cfg.inference.width) == (2, 64, 64, 64)
     assert load_config("configs/world/pipeline.yaml").world.version == 1
+    student = load_config("configs/world/v2_student.yaml")
+    assert student.world.version == 2 and student.inference.checkpoint == "assets/world_v2/model.pt"
 
 
-def test_pipeline_refuses_v2_until_it_is_wired():
+def test_pipeline_refuses_an_unknown_world_version(tmp_path):
     from avatarforcing import AvatarForcingError
     from avatarforcing.config import load_config
     from avatarforcing.world.pipeline import run_pipeline
-    with pytest.raises(AvatarForcingError, match="world.version=2: only world v1 trains so far"):
-        run_pipeline(load_config("configs/world/v2.yaml"))
+    with pytest.raises(AvatarForcingError, match="world.version=3: choose 1"):
+        run_pipeline(load_config("configs/world/v2.yaml", [f"world.run={tmp_path}", "world.version=3"]))
