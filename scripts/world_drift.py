@@ -1,7 +1,8 @@
 """Long-horizon drift: does a strictly causal rollout without anchors degrade from Total to Last, and the student not?
 
-    python scripts/world_drift.py --config configs/demo.yaml [--baseline RUN/self_forcing/export/model.pt]
-        [--run runs/controls] [--out results/world] [--cases 8] [--seconds 180] [--seed 0] [--resamples 10000]
+    python scripts/world_drift.py --config configs/world/v2_student.yaml --metric-nets runs/world_v2/metric_nets.pt
+        [--baseline runs/world_v2/self_forcing/export/model.pt] [--run runs/bench_v2] [--out results/world_v2]
+        [--cases 8] [--seconds 180] [--tail SECONDS] [--seed 0] [--resamples 10000]
 
 Arms (every one on the same --cases held-out identities of --seconds, same noise seed):
   * the shipped student (B_{4,1}, both anchors), and the same student without its anchors;

@@ -205,6 +205,12 @@ def test_checks_and_rounding(caplog):
     with pytest.raises(AvatarForcingError, match="multiple of 16"):
         make_pipe(size=24)
     audio = MelFeatures()
+    wide = random_tiny_model(0, audio_dim=4 * audio.feature_dim, patch_size=(1, 4, 4))   # 8x VAE x 4x4 patches
+    text = TextEncoder.none(wide.cfg.text_dim, wide.cfg.text_len)
+    with pytest.raises(AvatarForcingError, match=r"not a multiple of 32x32 .*inference.height=32"):
+        AvatarPipeline(wide, StubVAE(), audio, text, WindowSchedule.from_config(schedule_cfg()), CacheConfig(), 16, 16)
+    AvatarPipeline(wide, StubVAE(), audio, text, WindowSchedule.from_config(schedule_cfg()), CacheConfig(), 32, 32)
+    audio = MelFeatures()
     model = random_tiny_model(0)                                      # audio_dim 64 != 4 x 64
     with pytest.raises(AvatarForcingError, match="audio_dim"):
         AvatarPipeline(model, StubVAE(), audio, TextEncoder.none(32, 8),

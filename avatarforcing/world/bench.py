@@ -238,7 +238,8 @@ def open_bench(config, checkpoint=None, run="runs/controls", cases: int = 10, se
     settings = {"config": str(config), "checkpoint": str(ckpt), "checkpoint_sha1": file_digest(ckpt),
                 "codec_sha1": file_digest(codec) if codec else None, "metric_nets": str(nets_path),
                 "metric_nets_sha1": file_digest(nets_path), "cases": int(cases), "seconds": float(seconds),
-                "frames": held[0].num_frames, "case_world_seed": case_seed, "world_version": version, "clip_seeds": [c.seed for c in held],
+                "frames": held[0].num_frames, "case_world_seed": case_seed, "world_version": version,
+                "clip_seeds": [c.seed for c in held],
                 "seed": int(seed), "tail_seconds": float(tail_seconds)}
     return Bench(cfg, str(ckpt), nets, held, settings, Path(run) / "cache" / fingerprint(settings))
 

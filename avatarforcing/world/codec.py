@@ -668,7 +668,8 @@ def _train(out_path, steps, batch, size, seed, clips, log_every, time_budget_s, 
     codec.compute_latent_stats(stats_videos, scale=latent_scale)
 
     t0 = time.time()
-    heldout = _heldout_videos(seed, eval_clips, eval_seconds, H, version) if eval_clips and clips is None and H == W else []
+    rendered = eval_clips and clips is None and H == W
+    heldout = _heldout_videos(seed, eval_clips, eval_seconds, H, version) if rendered else []
     render_s += time.time() - t0
     value = evaluate_codec(codec, heldout) if heldout else evaluate_codec(codec, stats_videos[-4:])
     n_first = max(1, min(20, len(losses) // 10))

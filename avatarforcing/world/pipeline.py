@@ -239,7 +239,8 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     run = Run(cfg)
     OmegaConf.save(cfg, run.config_path)
     every = STAGES + BASELINE_STAGES + COMPARISON_STAGES
-    order = STAGES + (BASELINE_STAGES if cfg.world.baselines else ()) + (COMPARISON_STAGES if cfg.world.dmd_window else ())
+    order = (STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
+             + (COMPARISON_STAGES if cfg.world.dmd_window else ()))
     wanted = list(stages or order)
     unknown = [s for s in wanted if s not in every]
     if unknown:
