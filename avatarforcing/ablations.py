@@ -124,6 +124,12 @@ def _have(models: Mapping, name: str) -> bool:
     return path is not None and Path(path).is_file()
 
 
+# Without the style anchor the reference is only the video's first frame: it starts the temporal cache and leaves
+# it with the budget (cache.reference_in_temporal).  Without it, a model with no reference channels (in_dim 16)
+# would never see the reference at all.  (Results before 2026-12-01 ran this arm without the seeded frame.)
+NO_STYLE_ANCHOR = ["cache.style_anchor=false", "cache.reference_in_temporal=true"]
+
+
 def table_variants(table: int, models: Mapping, grid=FULL_GRID) -> tuple[dict[str, Variant], dict[str, str]]:
     """-> (variant name -> Variant, variant name -> note); variants whose model is missing are left out, noted."""
     if table not in TABLES:
@@ -136,7 +142,7 @@ def table_variants(table: int, models: Mapping, grid=FULL_GRID) -> tuple[dict[st
                                            "schedule.steps=null", "schedule.warp=true"]) for N in Ns for L in Ls}
     elif table == 4:
         specs = {"Teacher": ("teacher", []), "Student": ("ode", []), "AvatarForcing": ("dmd", []),
-                 "w/o style anchor": ("dmd", ["cache.style_anchor=false"]),
+                 "w/o style anchor": ("dmd", NO_STYLE_ANCHOR),
                  "w/o temporal anchor": ("dmd", ["cache.temporal_anchor=false"])}
     elif table == 5:
         specs = {"w/o anchor-audio zero padding": ("dmd", ["cache.zero_anchor_audio=false"]),

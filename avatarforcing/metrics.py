@@ -8,6 +8,9 @@ Paper metric -> analogue here (direction):
   Delta-E2000 delta_e        mean CIEDE2000 between each frame's and the reference's centre crop (lower)
   Adj-LPIPS   adj_feat       mean LPIPS-style feature distance between adjacent frames (lower);
               adj_pixel      mean absolute pixel difference between adjacent frames, in [0, 255] (lower)
+              seam_feat      adj_feat across the seams between streamed blocks minus adj_feat across the other
+                             latent-frame seams (lower; ~0 for real video): the jump a block makes where it
+                             continues the previous one, beyond what the decoder does at every latent frame
   FID         fid            Frechet distance of identity-net features, frames vs. real frames (lower)
 Every metric comes as ``<name>_total`` (whole video) and ``<name>_last`` (last ``tail_seconds``).
 
@@ -341,6 +344,24 @@ def delta_e(frames: np.ndarray, reference: np.ndarray, crop: float = 0.6, chunk:
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def block_seam_excess(adjacent: np.ndarray, period: int, pairs: slice = slice(None), stride: int = 4) -> float:
+    """Mean of an adjacent-frame distance [T-1] over block seams minus its mean over the other latent-frame seams.
+
+    Frame 0 is the reference, latent frame k >= 1 decodes to video frames 4k-3 .. 4k (``stride`` = 4) and block b
+    holds video frames b*period+1 .. (b+1)*period, so the pair (i, i+1) crosses a latent-frame seam when i is a
+    positive multiple of ``stride`` and a block seam when i is one of ``period``.  Comparing block seams with the
+    latent seams inside blocks cancels whatever the decoder does at every latent frame: what is left is the jump
+    between two blocks (joined only by the temporal cache) beyond that between two latent frames of one block
+    (denoised together).  Only pairs in ``pairs`` count; NaN when the span holds no pair of either kind."""
+    adjacent = np.asarray(adjacent, np.float64)
+    idx = np.arange(len(adjacent))[pairs]
+    idx = idx[(idx > 0) & (idx % int(stride) == 0)]
+    seam = idx % int(period) == 0
+    if not seam.any() or seam.all():
+        return float("nan")
+    return float(adjacent[idx[seam]].mean() - adjacent[idx[~seam]].mean())
+
+
 def adjacent_pixel_difference(frames: np.ndarray) -> np.ndarray:
     """Mean absolute difference between frames t and t+1, in [0, 255] -> [T-1]."""
     out = []
@@ -395,14 +416,15 @@ def _check_video(frames, reference) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fps: int = FPS,
                    tail_seconds: float = 10.0, sample_rate: int = SAMPLE_RATE, max_offset: int = 15,
-                   crop: float = 0.6, envelope=None) -> dict:
+                   crop: float = 0.6, envelope=None, seam_period: int | None = None) -> dict:
     """All metrics of one video -> {name_total, name_last, ...} (see the module docstring).
 
     frames uint8 [T, H, W, 3]; wav float [N] at ``sample_rate`` (the driving audio, frame 0 at
     sample 0; None skips lip sync); reference uint8 [H, W, 3]; real_feats: features [M, D] of real
     frames (``nets.features``) or their ``feature_stats`` (None skips FID). "last" covers the final
     ``tail_seconds`` (the whole video if it is shorter).  ``envelope(wav, sample_rate, fps, T)`` -> [T]: the
-    audio loudness the mouth is correlated with (default: that of the nets' metric backend, ``nets.backend``)."""
+    audio loudness the mouth is correlated with (default: that of the nets' metric backend, ``nets.backend``).
+    ``seam_period``: video frames per streamed block (4 * block_frames); adds ``seam_feat`` (see the module)."""
     frames, reference = _check_video(frames, reference)
     T = len(frames)
     tail = min(T, max(2, int(round(tail_seconds * fps))))
@@ -429,6 +451,9 @@ def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fp
     both("delta_e", delta_e(frames, reference, crop))
     both("adj_feat", adj_feat, pairs=True)
     both("adj_pixel", adjacent_pixel_difference(frames), pairs=True)
+    if seam_period:
+        for part, sl in (("total", slice(0, T - 1)), ("last", slice(T - tail, T - 1))):
+            out[f"seam_feat_{part}"] = block_seam_excess(adj_feat, seam_period, sl)
     if real_feats is not None:
         out["fid_total"] = frechet_distance(feats, real_feats)
         out["fid_last"] = frechet_distance(feats[-tail:], real_feats)

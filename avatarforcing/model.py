@@ -11,7 +11,7 @@ Parameter names are Wan2.1's own (``wan/modules/model.py``) plus the AvatarForci
 * ``window_kv(clean, ref, t, audio, cache)`` / ``reference_kv(ref, audio, cache)``: the K/V written into the
   cache by the clean re-run and the style-anchor prefill.
 
-Each builds the 33-channel input itself (:func:`i2v_input`) and runs :meth:`WanDiT.forward`, the tensor
+Each builds its input channels itself (:func:`i2v_input`: 33, or 16 without reference channels) and runs :meth:`WanDiT.forward`, the tensor
 computation they share.
 
 Shapes: latents [B, C, F, H, W]; tokens [B, S, dim] with S = F * h * w, h = H/2, w = W/2 (patch 1x2x2);
@@ -55,6 +55,13 @@ class DiTConfig:
     audio_proj_dim: int = 32
     audio_layers: tuple = (2, 15)          # inclusive range of blocks that receive audio
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.in_dim not in (self.out_dim, 2 * self.out_dim + 1):
+            from . import AvatarForcingError
+            raise AvatarForcingError(
+                f"model.in_dim={self.in_dim} with out_dim={self.out_dim}: use {2 * self.out_dim + 1} (noisy + "
+                f"reference channels + mask, Wan2.1 I2V) or {self.out_dim} (identity through attention only)")
 
     @classmethod
     def from_config(cls, cfg) -> "DiTConfig":
@@ -302,7 +309,7 @@ class WanDiT(nn.Module):
         return [proj(a) for proj in self.audio_cond_projs]
 
     # ---- the four uses ---------------------------------------------------------------------------
-    # Each builds the 33-channel input (i2v_input), the frame positions and the attention context, then
+    # Each builds the input channels (i2v_input), the frame positions and the attention context, then
     # runs ``self(...)`` (forward), so module hooks (FSDP2 unsharding, profilers) see every call.
 
     def clip(self, noisy: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
@@ -315,7 +322,7 @@ class WanDiT(nn.Module):
         Attention is bidirectional over the clip, or restricted by a boolean token ``mask`` [S, S] at RoPE
         frame positions ``frame_pos`` [F] (default 0..F-1).  Returns [B, 16, F, h, w]."""
         pos = torch.arange(noisy.shape[2]) if frame_pos is None else frame_pos
-        flow, _ = self(i2v_input(noisy, ref, 0), t, audio, text, pos, None, mask)
+        flow, _ = self(i2v_input(noisy, ref, 0, self.cfg.in_dim), t, audio, text, pos, None, mask)
         return flow
 
     def window(self, noisy: torch.Tensor, ref: torch.Tensor, t: torch.Tensor, audio: torch.Tensor | None,
@@ -340,7 +347,7 @@ class WanDiT(nn.Module):
     # The streaming uses as ForwardCalls: the arguments of one forward, which avatarforcing/multistream.py
     # stacks over several streams into one batched forward.
     def window_call(self, noisy, ref, t, audio, cache: StreamCache, kv: bool = False) -> "ForwardCall":
-        x = i2v_input(noisy, ref, cache.next_frame)
+        x = i2v_input(noisy, ref, cache.next_frame, self.cfg.in_dim)
         ctx = cache.rotated_context(self.rope, *self._grid(x), self.device)
         steady = cache.steady_layout(x.shape[2])
         return ForwardCall(x, self._frame_t(t, x), audio, cache.text, cache.window_positions(x.shape[2]), ctx,
@@ -348,7 +355,8 @@ class WanDiT(nn.Module):
 
     def reference_call(self, ref, audio, cache: StreamCache) -> "ForwardCall":
         t = torch.zeros(ref.shape[0], 1, device=self.device)
-        return ForwardCall(i2v_input(ref, ref, 0), t, audio, cache.text, torch.arange(1), None, kv=True)
+        x = i2v_input(ref, ref, 0, self.cfg.in_dim)
+        return ForwardCall(x, t, audio, cache.text, torch.arange(1), None, kv=True)
 
     def run(self, call: "ForwardCall") -> tuple[torch.Tensor | None, KV | None]:
         return self(call.x, call.t, call.audio, call.text, call.frame_pos, call.ctx, kv=call.kv,
@@ -501,13 +509,23 @@ class ForwardCall:
     compiled: bool = False
 
 
-def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int) -> torch.Tensor:
-    """Channel conditioning: [noisy (16) | reference latent repeated (16) | mask (1)] -> in_dim 33.
+def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int, in_dim: int = 33) -> torch.Tensor:
+    """The DiT's input channels for ``in_dim``: the two layouts the model supports.
 
-    noisy [B, 16, F, h, w] holds absolute latent frames first_frame..first_frame+F-1; ref [B, 16, 1, h, w].
-    The mask channel is 0 at absolute frame 0 (the reference) and 1 elsewhere (docs/spec.md section 3).
+    * ``in_dim = 2C + 1`` (33; Wan2.1 I2V, the released checkpoint): [noisy (C) | reference latent repeated (C) |
+      mask (1)].  The mask channel is 0 at absolute frame 0 (the reference) and 1 elsewhere (docs/spec.md section 3).
+    * ``in_dim = C`` (16): the noisy latents alone.  Identity then reaches the model only through attention to the
+      reference frame (frame 0 of a clip; the style anchor when streaming), as the paper describes its anchor.
+
+    noisy [B, C, F, h, w] holds absolute latent frames first_frame..first_frame+F-1; ref [B, C, 1, h, w].
     """
-    B, _, Fn, h, w = noisy.shape
+    B, C, Fn, h, w = noisy.shape
+    if in_dim == C:
+        return noisy
+    if in_dim != 2 * C + 1:
+        from . import AvatarForcingError
+        raise AvatarForcingError(f"model.in_dim={in_dim} does not fit {C} latent channels: use {2 * C + 1} "
+                                 f"(reference channels + mask, as Wan2.1 I2V) or {C} (identity through attention only)")
     y = ref.to(noisy.dtype).expand(B, -1, Fn, h, w)
     m = torch.ones(B, 1, Fn, h, w, dtype=noisy.dtype, device=noisy.device)
     if first_frame == 0:

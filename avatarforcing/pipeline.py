@@ -157,9 +157,10 @@ class AvatarPipeline:
                 f"patch); use e.g. inference.height={max(mh, round(self.height / mh) * mh)} "
                 f"inference.width={max(mw, round(self.width / mw) * mw)}")
         z = int(getattr(self.vae, "z_dim", 16))
-        if self.model.cfg.in_dim != 2 * z + 1:
+        if self.model.cfg.in_dim not in (2 * z + 1, z):
             raise AvatarForcingError(f"model.in_dim is {self.model.cfg.in_dim} but the VAE has {z} latent channels "
-                                     f"(in_dim must be 2*{z}+1 = {2 * z + 1}); fix model.in_dim or vae.z_dim")
+                                     f"(in_dim must be 2*{z}+1 = {2 * z + 1}, or {z} without reference channels); "
+                                     "fix model.in_dim or vae.z_dim")
         feat = int(self.audio_encoder.feature_dim)
         if self.model.cfg.audio_dim != LATENT_STRIDE * feat:
             raise AvatarForcingError(

@@ -25,7 +25,7 @@ import torch
 
 from .model import WanDiT
 from .schedule import StreamStep, WindowSchedule, add_noise, flow_to_x0
-from .stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
+from .stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, seed_temporal, write_temporal
 from .units import block_latent_frames
 
 AudioSource = Callable[[int, int], torch.Tensor]
@@ -53,6 +53,8 @@ class StreamingSampler:
         self.cache = StreamCache(cache_cfg, model.tokens_per_frame(self.h, self.w), (self.h, self.w), text=text_kv)
         if cache_cfg.style_anchor:
             prefill_anchor(model, self.cache, self.ref)
+        if cache_cfg.reference_in_temporal:
+            seed_temporal(model, self.cache, self.ref)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _audio(self, start: int, stop: int) -> torch.Tensor | None:

@@ -46,6 +46,10 @@ class CacheConfig:
     context_noise: float = 0.0     # timestep of the clean re-run
     rerun_anchor: str = "window"   # anchor position in the clean re-run: window (u_i + d, as in the
                                    # denoising pass) | absolute (frame 0, the reference release)
+    reference_in_temporal: bool = False   # the reference (latent frame 0, the video's first frame) starts the
+                                   # temporal cache, as a causal model's first emitted frame would; it leaves
+                                   # with the budget.  The only route of identity without the style anchor
+                                   # when the model has no reference channels (model.in_dim = 16)
 
     def __post_init__(self):
         if self.rerun_anchor not in ("window", "absolute"):
@@ -194,6 +198,19 @@ def prefill_anchor(model: WanDiT, cache: StreamCache, ref: torch.Tensor, audio: 
     """Style anchor: the reference frame [batch, z, 1, h, w] at t = 0, with zero audio (``audio`` only for the
     anchor-audio ablation)."""
     cache.anchor = model.reference_kv(ref, audio, cache)
+
+
+@torch.no_grad()
+def seed_temporal(model: WanDiT, cache: StreamCache, ref: torch.Tensor) -> None:
+    """The reference frame [batch, z, 1, h, w] as absolute latent frame 0 of the temporal cache: its clean re-run
+    at t = 0 with zero audio, attending to the style anchor if there is one (``cache.reference_in_temporal``)."""
+    if not cache.cfg.temporal_anchor or cache.cfg.temporal_frames <= 0 or cache.next_frame != 1:
+        return
+    cache.next_frame = 0
+    t = torch.zeros(ref.shape[0], 1, device=model.device)
+    with cache.clean_rerun():
+        kv = model.window_kv(ref, ref, t, None, cache)
+    cache.push_temporal(kv)
 
 
 @torch.no_grad()

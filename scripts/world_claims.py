@@ -2,7 +2,7 @@
 
     python scripts/world_claims.py [--config configs/demo.yaml] [--checkpoint PATH] [--run runs/controls]
         [--out results/world] [--cases 10] [--seconds 20] [--seed 0] [--resamples 10000] [--metric-nets PATH]
-        [--dmd-window PATH]
+        [--dmd-window PATH] [--grid-run RUN]
 
 One model, at inference: the shipped B_{4,1}-trained DMD student (assets/demo/model.pt).  Every ablated arm is
 that same student run with a cache switch or another window schedule, with the overrides of
@@ -15,6 +15,9 @@ Each claim names, before the run, the one metric it is judged on (CLAIMS); the p
 held-out identities gives the effect (> 0 = the claimed winner is better) and its 95 % CI; the verdict is holds
 (CI above 0), does not hold (CI below 0) or inconclusive (CI contains 0).  The bench, the cache and the metric nets
 are those of scripts/world_controls.py (same --run: the clean arm is computed once for both).
+
+With --grid-run (a world run whose pipeline trained Table 3's cells, world.grid=[2x2,1x4]) the matched-L·N
+claims are also judged with every cell trained for its own schedule (grid_claims), as the paper trains them.
 
 With --dmd-window (the world pipeline's RUN/dmd_window/export/model.pt: the same DMD stage with the loss on every
 block of the chosen window, dmd.grad_blocks=window) one more claim compares the two trained students: that DMD
@@ -75,6 +78,25 @@ WINDOW_CLAIM = ("DMD gradient on every window block beats the emitted block only
                 "which the paper credits for the quality of the emitted frames: FID over the whole rollout")
 
 
+def grid_claims(grid_run) -> tuple[dict[str, Arm], tuple]:
+    """Table 3 with each cell trained (the world pipeline's world.grid: RUN/dmd_LxN/export/model.pt): the shipped
+    student is the trained B_{4,1}; every other trained cell of its L·N = 4 levels is compared with it, each run
+    with the schedule it was trained for."""
+    arms, claims = {}, []
+    for path in sorted(Path(grid_run).glob("dmd_*x*/export/model.pt")):
+        L, N = (int(v) for v in path.parent.parent.name[4:].split("x"))
+        if (L, N) == (4, 1):
+            continue
+        name = f"{grid_name(L, N)} trained"
+        arms[name] = Arm(name, (f"schedule.window_blocks={L}", f"schedule.passes={N}"), checkpoint=str(path))
+        claims.append((f"Look-ahead beats passes at matched L·N = 4, each cell trained: B_{{4,1}} beats "
+                       f"{grid_name(L, N)}", FULL, name, "adj_feat_last", STABLE))
+    if not claims:
+        raise AvatarForcingError(f"--grid-run {grid_run} has no trained Table 3 cell (dmd_LxN/export/model.pt); "
+                                 "train them with the world pipeline (world.grid=[2x2,1x4]) or leave --grid-run out")
+    return arms, tuple(claims)
+
+
 def claim_arms(checkpoint) -> dict[str, Arm]:
     """The arms of CLAIMS with scripts/world_ablations.py's overrides (only its overrides are used: every arm runs
     the shipped student, whatever checkpoint the ablation table would name)."""
@@ -87,21 +109,28 @@ def claim_arms(checkpoint) -> dict[str, Arm]:
 
 
 def main(argv=None) -> int:
-    return cli(_main, __doc__, argv, lambda p: p.add_argument(
-        "--dmd-window", default=None, help="the DMD student trained with dmd.grad_blocks=window (adds WINDOW_CLAIM)"))
+    def options(p):
+        p.add_argument("--dmd-window", default=None,
+                       help="the DMD student trained with dmd.grad_blocks=window (adds WINDOW_CLAIM)")
+        p.add_argument("--grid-run", default=None,
+                       help="a world run with trained Table 3 cells (world.grid): adds their matched-L·N claims")
+    return cli(_main, __doc__, argv, options)
 
 
 def _main(args) -> int:
     t0 = time.perf_counter()
+    if args.dmd_window and not Path(args.dmd_window).is_file():
+        raise AvatarForcingError(f"--dmd-window {args.dmd_window} not found; train it with the world pipeline "
+                                 "(world.dmd_window=true) or leave --dmd-window out")
+    grid_arms, grid = grid_claims(args.grid_run) if args.grid_run else ({}, ())
     bench = open_from_args(args)
     arms = claim_arms(bench.checkpoint)
     claims = CLAIMS
     if args.dmd_window:
-        if not Path(args.dmd_window).is_file():
-            raise AvatarForcingError(f"--dmd-window {args.dmd_window} not found; train it with the world pipeline "
-                                     "(world.dmd_window=true) or leave --dmd-window out")
         arms[WINDOW] = Arm(WINDOW, checkpoint=str(args.dmd_window))
         claims = CLAIMS + (WINDOW_CLAIM,)
+    arms.update(grid_arms)
+    claims = claims + grid
     results = bench.evaluate(list(arms.values()), baseline=FULL)
     about = describe(bench, args.resamples)
     entries = []

@@ -39,15 +39,15 @@ def full_window_forward(model, ref, text, clean_blocks, window, t_window, audio_
         rerun = gi < len(clean_blocks)          # a clean block's K/V come from the clean re-run
         absolute = not cfg.rope_reindex or (rerun and cfg.rerun_anchor == "absolute")
         pos.append(0 if absolute else u + cfg.anchor_offset)
-        frames_x.append(i2v_input(ref, ref, 0))
+        frames_x.append(i2v_input(ref, ref, 0, model.cfg.in_dim))
         frames_t.append(torch.zeros(Bsz, 1))
         frames_a.append(None if cfg.zero_anchor_audio else (first, first + 1))
     if n_clean:
-        frames_x.append(i2v_input(clean, ref, 1))
+        frames_x.append(i2v_input(clean, ref, 1, model.cfg.in_dim))
         frames_t.append(torch.full((Bsz, n_clean), float(cfg.context_noise)))
         frames_a.append((1, 1 + n_clean))
         pos.extend(range(1, 1 + n_clean))
-    frames_x.append(i2v_input(window, ref, 1))
+    frames_x.append(i2v_input(window, ref, 1, model.cfg.in_dim))
     frames_t.append(t_window)
     frames_a.append((1 + n_clean, 1 + n_clean + Fw))
     pos.extend(range(1 + n_clean, 1 + n_clean + Fw))

@@ -40,15 +40,37 @@ def test_inference_without_arguments_makes_the_demo_video(tmp_path):
     assert np.abs(np.diff(mouth, axis=0)).mean() > 0.5
 
 
-def test_world_v2_student_makes_a_video(tmp_path):
-    """World v2's shipped student (configs/world/v2_student.yaml) on its example inputs, through inference.py."""
+def _v2_video(tmp_path, config, *overrides):
     v2 = ROOT / "assets" / "world_v2"
+    out = tmp_path / f"v2_{len(list(tmp_path.iterdir()))}.mp4"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--config", "configs/world/v2_student.yaml",
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--config", config,
                            "--image", str(v2 / "example.png"), "--audio", str(v2 / "example.wav"),
-                           "inference.output=" + str(tmp_path / "v2.mp4")],
+                           "inference.output=" + str(out), *overrides],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    frames, _ = read_video(tmp_path / "v2.mp4")
+    frames, _ = read_video(out)
     assert frames.shape[1:] == (64, 64, 3) and len(frames) >= 25 * len(load_audio(v2 / "example.wav")) / 16000
+    return frames
+
+
+def test_world_v2_student_makes_a_video(tmp_path):
+    """World v2's shipped student (configs/world/v2_student.yaml) on its example inputs, through inference.py."""
+    frames = _v2_video(tmp_path, "configs/world/v2_student.yaml")
     assert frames.std(axis=0).mean() < 40                 # a face, not noise
+
+
+def test_world_v2_anchor_student_takes_identity_from_its_anchor(tmp_path):
+    """The anchor world's shipped student (in_dim 16: no reference channels) makes a face from its example.  Without
+    the style anchor it never sees the reference and the face changes from the first block; with the reference as
+    the first frame of its temporal cache instead, the first block is the anchored one, and then the face drifts
+    (results/world_v2_anchor/: the style-anchor claim and the drift bench)."""
+    frames = _v2_video(tmp_path, "configs/world/v2_anchor_student.yaml")
+    assert frames.std(axis=0).mean() < 40
+    blind = _v2_video(tmp_path, "configs/world/v2_anchor_student.yaml", "cache.style_anchor=false")
+    seeded = _v2_video(tmp_path, "configs/world/v2_anchor_student.yaml", "cache.style_anchor=false",
+                       "cache.reference_in_temporal=true")
+    change = lambda a, s: np.abs(a[s].astype(np.float32) - frames[s]).mean()    # noqa: E731
+    first, late = slice(1, 17), slice(-48, None)                       # block 0 (frame 0 is the image) / last 3
+    assert change(blind, first) > 20 and change(blind, late) > 20
+    assert change(seeded, first) < 5 < 20 < change(seeded, late)

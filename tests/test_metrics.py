@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from avatarforcing import AvatarForcingError
-from avatarforcing.metrics import (MetricNets, evaluate_video, feature_stats, frechet_distance, sync_scores)
+from avatarforcing.metrics import (MetricNets, block_seam_excess, evaluate_video, feature_stats, frechet_distance,
+                                   sync_scores)
 from avatarforcing.world import generate_clip, render, sample_motion, synth_speech
 
 
@@ -62,6 +63,25 @@ def test_flicker_rises_for_shuffled_and_noisy_video(nets, clip):
         bad = evaluate_video(bad_frames, None, clip.frames[0], nets)
         assert bad["adj_pixel_total"] > 2 * good["adj_pixel_total"]
         assert bad["adj_feat_total"] > 2 * good["adj_feat_total"]
+
+
+def test_block_seams_show_in_seam_feat_only_for_seamed_video(nets, clip):
+    """A video whose every 16-frame block restarts from another frame (a stream that ignores its history) has a
+    large seam excess; the real video has ~none.  The seam index follows the block layout (frame 0 = reference)."""
+    good = evaluate_video(clip.frames, None, clip.frames[0], nets, seam_period=16)
+    seamed = clip.frames.copy()
+    for b in range(1, (len(seamed) - 1) // 16):                         # block b: frames 16b+1 .. 16b+16
+        seamed[16 * b + 1:16 * b + 17] = np.roll(seamed[16 * b + 1:16 * b + 17], 8 * (b % 2 * 2 - 1), axis=2)
+    bad = evaluate_video(seamed, None, clip.frames[0], nets, seam_period=16)
+    assert abs(good["seam_feat_total"]) < 0.2 * bad["seam_feat_total"]
+    assert bad["seam_feat_total"] > 0 and bad["seam_feat_last"] > 0
+    assert "seam_feat_total" not in evaluate_video(clip.frames, None, clip.frames[0], nets)
+    adj = np.ones(40)
+    adj[::4] = 2.0                                                      # every latent-frame seam: the decoder
+    adj[[16, 32]] = 5.0                                                 # block seams: the stream
+    assert block_seam_excess(adj, 16) == pytest.approx(3.0)             # 5 - 2: the within-pair frames do not count
+    assert block_seam_excess(np.where(np.arange(40) % 4 == 0, 2.0, 1.0), 16) == 0  # decoder seams alone: none
+    assert np.isnan(block_seam_excess(adj, 16, slice(17, 30)))          # no block seam in the span
 
 
 def test_other_identity_lowers_csim(nets, clip):

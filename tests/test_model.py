@@ -34,11 +34,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + ["no_reference_channels"])
 def test_cached_window_equals_masked_full_forward(case):
-    """After many slides, the cached window forward equals one forward over the whole history with a mask."""
-    cfg = cache_cfg(**CASES[case])
-    model, ref, text, audio, g = _setup()
+    """After many slides, the cached window forward equals one forward over the whole history with a mask
+    (also for a model without reference channels, in_dim 16: identity through the anchor only)."""
+    cfg = cache_cfg(**CASES.get(case, CASES["default"]))
+    model, ref, text, audio, g = _setup(**({"in_dim": 16} if case == "no_reference_channels" else {}))
     Bf = 2
     sch = WindowSchedule([1000, 700, 300], block_frames=Bf)
     smp = StreamingSampler(model, sch, cfg, ref, text, audio=lambda a, b: audio[:, a:b])
@@ -63,6 +64,40 @@ def test_cached_window_equals_masked_full_forward(case):
     if cfg.temporal_anchor:
         assert smp.cache.temporal.frames == cfg.temporal_frames
         assert smp.cache.temporal.k[0].shape[1] == cfg.temporal_frames * model.tokens_per_frame(H, W)
+
+
+@pytest.mark.parametrize("in_dim", [33, 16])
+def test_reference_in_temporal_is_frame_zero_of_the_context(in_dim):
+    """Without the style anchor, ``reference_in_temporal`` makes the reference latent frame 0 of the temporal
+    cache: the first window equals one clip forward over [reference | window] in which the reference (t = 0, zero
+    audio) sees only itself.  The reference then leaves with the budget like any emitted frame."""
+    model, ref, text, audio, g = _setup(in_dim=in_dim)
+    cfg = cache_cfg(temporal_frames=2, style_anchor=False, reference_in_temporal=True)
+    sch = WindowSchedule([1000, 500], block_frames=2)
+    smp = StreamingSampler(model, sch, cfg, ref, text, audio=lambda a, b: audio[:, a:b])
+    assert smp.cache.next_frame == 1 and smp.cache.temporal.frames == 1
+    window = torch.randn(1, 16, 4, H, W, generator=g)
+    t = torch.tensor([[700.0] * 2 + [1000.0] * 2])
+    with torch.no_grad():
+        cached = model.window(window, ref, t, audio[:, 1:5], smp.cache)
+        x = torch.cat([ref, window], 2)
+        a = torch.cat([torch.zeros_like(audio[:, :1]), audio[:, 1:5]], 1)
+        mask = frame_mask([1] * 5, [[0]] + [[0, 1, 2, 3, 4]] * 4, model.tokens_per_frame(H, W))
+        full = model.clip(x, ref, torch.cat([torch.zeros(1, 1), t], 1), a, text, mask=mask)[:, :, 1:]
+        unseeded = model.window(window, ref, t, audio[:, 1:5],
+                                StreamingSampler(model, sch, cache_cfg(temporal_frames=2, style_anchor=False),
+                                                 ref, text).cache)
+    torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4)
+    assert (cached - unseeded).abs().max() > 1e-3              # the reference is really in the context
+    for k in range(2):
+        write_temporal(model, smp.cache, sch, smp.ref, k, torch.randn(1, 16, 2, H, W, generator=g), None, smp.noise)
+    assert smp.cache.next_frame == 5 and smp.cache.temporal.frames == 2
+
+
+def test_model_in_dim_must_fit_the_latent_channels():
+    from avatarforcing import AvatarForcingError
+    with pytest.raises(AvatarForcingError, match=r"model.in_dim=20 with out_dim=16: use 33 .* or 16"):
+        random_tiny_model(0, in_dim=20)
 
 
 def test_relative_positions_make_streams_unbounded():

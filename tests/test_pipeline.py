@@ -201,6 +201,26 @@ def test_generate_leaves_nothing_on_failure(pipe, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [tmp_path / "a.wav"]
 
 
+def test_model_without_reference_channels_streams():
+    """in_dim 16 (identity through the anchor only) runs through the pipeline, with and without the style anchor
+    (then the reference starts the temporal cache); a VAE whose channels fit neither layout is refused."""
+    audio = MelFeatures()
+    model = random_tiny_model(0, audio_dim=4 * audio.feature_dim, in_dim=16)
+    text = TextEncoder.none(model.cfg.text_dim, model.cfg.text_len)
+    sch = WindowSchedule.from_config(schedule_cfg())
+    outs = []
+    for cache in (CacheConfig(), CacheConfig(style_anchor=False, reference_in_temporal=True)):
+        pipe = AvatarPipeline(model, StubVAE(), audio, text, sch, cache, 16, 16)
+        outs.append(np.concatenate([b[0] for b in pipe.stream(image(), speech(0.9), seed=1)]))
+        assert outs[-1].shape == (33, 16, 16, 3)
+    assert np.abs(outs[0].astype(int) - outs[1]).mean() > 0.05        # the anchor reaches this model
+
+    class EightChannels(StubVAE):
+        z_dim = 8
+    with pytest.raises(AvatarForcingError, match=r"model.in_dim is 16 but the VAE has 8 latent channels .* 17, or 8"):
+        AvatarPipeline(model, EightChannels(), audio, text, sch, CacheConfig(), 16, 16)
+
+
 def test_checks_and_rounding(caplog):
     with pytest.raises(AvatarForcingError, match="multiple of 16"):
         make_pipe(size=24)

@@ -3,6 +3,7 @@ on the shipped demo model and very short held-out clips."""
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,16 @@ def test_scripts_write_controls_and_claims(tmp_path):
     assert last["claim"] == claims_script.WINDOW_CLAIM[0] and last["winner_overrides"] == f"weights={CKPT}"
     assert last["effect"] == pytest.approx(0.0, abs=1e-9) and last["verdict"] == "inconclusive"   # same weights
     assert claims_script.main(args + ["--dmd-window", str(tmp_path / "missing.pt")]) == 1
+    # --grid-run adds Table 3's claims with each cell trained (here the demo's weights stand in for B_{2,2}'s)
+    grid = tmp_path / "grid"
+    (grid / "dmd_2x2" / "export").mkdir(parents=True)
+    shutil.copy(CKPT, grid / "dmd_2x2" / "export" / "model.pt")
+    assert claims_script.main(args + ["--grid-run", str(grid)]) == 0
+    last = json.loads((tmp_path / "out" / "claims.json").read_text())[-1]
+    assert last["claim"].endswith("each cell trained: B_{4,1} beats B_{2,2}") and last["other"] == "B_{2,2} trained"
+    assert last["other_overrides"] == f"schedule.window_blocks=2 schedule.passes=2 weights={grid}/dmd_2x2/export/model.pt"
+    assert last["video_change"] > 0                                     # another schedule: another video
+    assert claims_script.main(args + ["--grid-run", str(tmp_path / "run")]) == 1    # no trained cell: one line
 
 
 def test_drift_is_the_models_loss_beyond_the_real_videos():

@@ -5,7 +5,7 @@ import pytest
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.config import load_config
-from avatarforcing.world.pipeline import BASELINE_STAGES, COMPARISON_STAGES, STAGES, run_pipeline
+from avatarforcing.world.pipeline import BASELINE_STAGES, COMPARISON_STAGES, STAGES, grid_cells, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +19,18 @@ def fast_run(tmp_path_factory):
 
 def test_every_stage_runs_and_exports(fast_run):
     run, cfg, state, messages = fast_run
-    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES
+    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + ("ode_2x2", "dmd_2x2")     # fast.yaml: world.grid=[2x2]
     assert [s for s in every if state.get(s, {}).get("done")] == list(every)
-    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing", "dmd_window"):
+    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing", "dmd_window", "ode_2x2", "dmd_2x2"):
         assert (run / stage / "export" / "model.pt").is_file()
     assert (run / "codec.pt").is_file() and (run / "metric_nets.pt").is_file()
     assert json.loads((run / "state.json").read_text())["dmd"]["done"] is True
     assert state["codec"]["result"]["psnr"] > 10
     from omegaconf import OmegaConf
+    cell = OmegaConf.load(run / "dmd_2x2" / "config.yaml")                    # Table 3's cell, its own schedule
+    assert (cell.schedule.window_blocks, cell.schedule.passes, cell.dmd.generator) == (
+        2, 2, str(run / "ode_2x2" / "export" / "model.pt"))
+    assert OmegaConf.load(run / "ode_2x2" / "config.yaml").schedule.passes == 2
     grad_blocks = {s: OmegaConf.load(run / s / "config.yaml").dmd.grad_blocks for s in ("dmd", "dmd_window")}
     assert grad_blocks == {"dmd": "emitted", "dmd_window": "window"}
 
@@ -51,6 +55,7 @@ def test_world_v2_runs_every_stage(tmp_path):
     if not espeak_available():
         pytest.skip("espeak-ng not installed (apt-get install -y espeak-ng; .ci/run does)")
     cfg = load_config("configs/world/fast.yaml", [f"world.run={tmp_path}", "world.version=2", "world.baselines=false",
+                                                  "world.grid=[]",
                                                   "model.patch_size=[1,4,4]", "world.size=32", "data.height=32",
                                                   "data.width=32", "inference.height=32", "inference.width=32",
                                                   "world.metric_size=32"])
@@ -61,3 +66,11 @@ def test_world_v2_runs_every_stage(tmp_path):
     from avatarforcing.metrics import MetricNets
     assert MetricNets.load(tmp_path / "metric_nets.pt").backend == "world_v2"
     assert state["evaluate"]["result"]["rows"]
+
+
+def test_grid_cells_are_checked_before_training():
+    cfg = load_config("configs/world/fast.yaml", ["world.grid=[4x1,2x2,1x4]"])
+    assert grid_cells(cfg) == [(4, 1), (2, 2), (1, 4)]
+    for bad in ("[2x1]", "[2by2]", "[3x3]"):
+        with pytest.raises(AvatarForcingError, match=r"world.grid cell .*: write LxN with L\*N = 4 .*world.grid=\[2x2,1x4\]"):
+            grid_cells(load_config("configs/world/fast.yaml", [f"world.grid={bad}"]))

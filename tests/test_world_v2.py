@@ -156,6 +156,9 @@ def test_v2_config():
     assert load_config("configs/world/pipeline.yaml").world.version == 1
     student = load_config("configs/world/v2_student.yaml")
     assert student.world.version == 2 and student.inference.checkpoint == "assets/world_v2/model.pt"
+    anchor = load_config("configs/world/v2_anchor.yaml")                 # identity through attention only
+    assert anchor.model.in_dim == 16 and anchor.world.version == 2 and anchor.world.run == "runs/world_v2_anchor"
+    assert cfg.model.in_dim == 33 and anchor.cache.reference_in_temporal is False
 
 
 def test_pipeline_refuses_an_unknown_world_version(tmp_path):

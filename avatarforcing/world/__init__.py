@@ -31,5 +31,6 @@ _backends.register_vae("world", _build_codec)
 _backends.register_metric_backend("world", METRIC_BACKEND)
 _backends.register_metric_backend("world_v2", METRIC_BACKEND_V2)
 # the `world:` config section (its keys and defaults: configs/world/base.yaml)
-_backends.register_config_section("world", {f"{stage}_overrides": "list[override]:[train.steps=2]"
-                                            for stage in ("teacher", "backfill", "ode", "dmd")})
+_backends.register_config_section("world", {**{f"{stage}_overrides": "list[override]:[train.steps=2]"
+                                               for stage in ("teacher", "backfill", "ode", "dmd")},
+                                            "grid": "list[str]:[2x2,1x4]"})

@@ -39,10 +39,16 @@ from ..ablations import resolve_config, rollout_student, write_json
 from .evaluate import Case, evaluate_variant, real_feature_stats
 from .layout import RunLayout
 from ..stats import RESAMPLES, column, compare
+from ..units import LATENT_STRIDE
 
 # the per-case metrics the tables and side tables report (avatarforcing/metrics.py's evaluate_video keys)
 REPORTED_METRICS = ("csim_total", "csim_last", "delta_e_total", "delta_e_last", "adj_feat_total", "adj_feat_last",
-                    "adj_pixel_total", "sync_conf_total", "sync_dist_total", "sync_offset_total", "fid_total")
+                    "seam_feat_total", "adj_pixel_total", "sync_conf_total", "sync_dist_total", "sync_offset_total",
+                    "fid_total")
+
+# bump when evaluate_video's metrics change: cached per-case results of another version are recomputed
+# (2: seam_feat, block seams against the other latent-frame seams)
+METRICS_VERSION = 2
 
 Injection = Callable[[object, Case, Sequence[Case]], ContextManager]
 
@@ -106,6 +112,7 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
     if baseline is not None and baseline not in names:
         raise AvatarForcingError(f"the baseline '{baseline}' is not one of the arms {names}")
     cfg = resolve_config(cfg)
+    seam_period = LATENT_STRIDE * int(cfg.schedule.block_frames)      # video frames per streamed block
     order = sorted(arms, key=lambda a: a.name != baseline)            # the baseline first
     pipes: dict[str, object] = {}
     real_feats = None
@@ -120,7 +127,8 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
         base = None                                                   # the baseline's frames of this case
         for arm in order:
             path = Path(cache_dir) / arm.key / f"case{case.index}.json" if cache_dir is not None else None
-            cached = json.loads(path.read_text())["metrics"] if path is not None and path.is_file() else None
+            record = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+            cached = record.get("metrics") if record.get("metrics_version") == METRICS_VERSION else None
             if cached is not None and (baseline is None or "pixel_change" in cached):
                 out[arm.name][case.index] = cached
                 continue
@@ -129,7 +137,7 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
             t0 = time.perf_counter()
             frames, spf = rollout(arm, case)
             t1 = time.perf_counter()
-            metrics = evaluate_variant(frames, case, nets, real_feats, tail_seconds, spf)
+            metrics = evaluate_variant(frames, case, nets, real_feats, tail_seconds, spf, seam_period=seam_period)
             metrics.update(rollout_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
             if baseline is not None:
                 if arm.name == baseline:
@@ -139,7 +147,8 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
                 metrics["pixel_change"] = float(np.abs(frames.astype(np.float32) - base).mean())
             out[arm.name][case.index] = metrics
             if path is not None:
-                write_json(path, {"arm": arm.name, "overrides": list(arm.overrides), "tag": arm.tag,
+                write_json(path, {"metrics_version": METRICS_VERSION, "arm": arm.name,
+                                  "overrides": list(arm.overrides), "tag": arm.tag,
                                   "case": case.index, "clip_seed": case.seed, "metrics": metrics})
             say(f"[bench] {arm.name} case {case.index}: " + " ".join(
                 f"{k} {metrics[k]:.4f}" for k in ("csim_last", "adj_feat_total", "sync_dist_total", "fid_total"))

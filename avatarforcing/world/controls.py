@@ -121,6 +121,12 @@ def other_case(case: Case, cases: Sequence[Case]) -> Case:
 # the controls
 
 
+# The two temporal-cache controls were judged on adj_feat_total (all adjacent pairs) until the world v2 bench
+# (in_dim 33) missed both; a seam effect is diluted 16-fold there.  seam_feat was chosen before the next bench ran.
+SEAM_NOTE = ("; adj_feat over all pairs, this control's metric before, dilutes a seam effect 16-fold (4 x B video "
+             "frames per block)")
+
+
 @dataclass(frozen=True)
 class Control(Arm):
     """An arm broken on purpose, with the metric it should hurt and why (chosen before any run)."""
@@ -133,14 +139,16 @@ def controls(rope_offset: int = ROPE_OFFSET, shift_seconds: float = SHIFT_SECOND
     """The five positive controls (module docstring), each with its a-priori metric."""
     return [
         Control("temporal cache at wrong RoPE positions", tag=f"temporal_rope_offset={rope_offset}",
-                inject=lambda pipe, case, cases: temporal_rope_offset(rope_offset), metric="adj_feat_total",
+                inject=lambda pipe, case, cases: temporal_rope_offset(rope_offset), metric="seam_feat_total",
                 rationale="the temporal cache carries the last emitted frames into the next block; read at the "
-                          "wrong positions it misleads the continuation, so adjacent frames should differ more "
-                          "(flicker)"),
+                          "wrong positions it misleads the continuation, so the video should jump where a block "
+                          "meets the previous one (seam_feat: adjacent-frame change at block seams minus "
+                          "elsewhere)" + SEAM_NOTE),
         Control(f"context noise at t = {context_noise:g}", overrides=(f"cache.context_noise={context_noise:g}",),
-                metric="adj_feat_total",
+                metric="seam_feat_total",
                 rationale="the cache then holds K/V of noise instead of the emitted frames, so the next block "
-                          "loses its continuity with the previous one (flicker)"),
+                          "loses its continuity with the previous one: the video jumps at block seams "
+                          "(seam_feat)" + SEAM_NOTE),
         Control("style anchor from another identity", tag="foreign_anchor=next_case",
                 inject=lambda pipe, case, cases: foreign_anchor(reference_latent(pipe, other_case(case, cases))),
                 metric="csim_total",

@@ -162,15 +162,16 @@ def real_feature_stats(cases: Sequence[Case], nets):
 
 
 def evaluate_variant(frames: np.ndarray, case: Case, nets, real_feats, tail_seconds: float = 10.0,
-                     latency: float | None = None) -> dict:
+                     latency: float | None = None, seam_period: int | None = None) -> dict:
     """evaluate_video on one rollout (driving audio = the case's) + ``latency_s_per_frame``.  Lip sync is measured
-    against the case's ``mouth_truth`` where it has one (world v2), else against the speech loudness."""
+    against the case's ``mouth_truth`` where it has one (world v2), else against the speech loudness.
+    ``seam_period`` (video frames per streamed block) adds ``seam_feat``."""
     from ..metrics import evaluate_video
 
     truth = getattr(case, "mouth_truth", None)
     envelope = None if truth is None else partial(_truth_envelope, truth)
     out = evaluate_video(frames, case.wav, case.reference, nets, real_feats, fps=FPS, tail_seconds=tail_seconds,
-                         envelope=envelope)
+                         envelope=envelope, seam_period=seam_period)
     out["latency_s_per_frame"] = float("nan") if latency is None else float(latency)
     return out
 

@@ -3,6 +3,7 @@
     data -> codec -> shards -> teacher -> backfill -> ode -> dmd -> metric_nets -> evaluate [-> ship]
     [world.baselines: causal_backfill -> causal_ode -> self_forcing (Table 6's one-step causal baselines)]
     [world.dmd_window: dmd_window (DMD with dmd.grad_blocks=window, to compare with the emitted-block default)]
+    [world.grid: ode_LxN -> dmd_LxN per Table 3 cell B_{L,N}, each trained with its own ODE + DMD]
 
 Every stage calls the same package code a user runs on real data (``scripts/preprocess.py``,
 ``train_teacher.py``, ``scripts/ode_backfill.py``, ``train_ode.py``, ``train_dmd.py``); only the config
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +40,10 @@ CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
 # Optional (world.dmd_window=true): the same DMD stage with the loss on every block of the chosen window
 # (dmd.grad_blocks=window) instead of the emitted block only, from the same teacher and ODE student.
 COMPARISON_STAGES = ("dmd_window",)
+# Optional (world.grid, e.g. [2x2, 1x4]): Table 3's cells B_{L,N} trained with their own ODE regression and DMD on
+# their own window schedule (schedule.window_blocks=L, schedule.passes=N) over the world's L*N noise levels, so the
+# main backfill serves them all and a matched-L*N comparison differs only in how the levels are spent.
+GRID_CELL = re.compile(r"^(\d+)x(\d+)$")
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
 
 
@@ -133,6 +139,41 @@ def stage_dmd(run: Run, name: str = "dmd", extra=()) -> dict:
 
 def stage_dmd_window(run: Run) -> dict:
     return stage_dmd(run, "dmd_window", ["dmd.grad_blocks=window"])
+
+
+def grid_cells(cfg: DictConfig) -> list[tuple[int, int]]:
+    """world.grid ("LxN" strings) -> [(L, N)], checked against the world's noise levels before any training."""
+    levels = len(cfg.schedule.steps or [])
+    cells = []
+    for cell in cfg.world.grid:
+        m = GRID_CELL.match(str(cell))
+        if not m or int(m[1]) < 1 or int(m[2]) < 1 or int(m[1]) * int(m[2]) != levels:
+            raise AvatarForcingError(f"world.grid cell '{cell}': write LxN with L*N = {levels} (the world's "
+                                     f"schedule.steps levels), e.g. world.grid=[2x2,1x4]")
+        cells.append((int(m[1]), int(m[2])))
+    return cells
+
+
+def grid_stages(cells) -> tuple[str, ...]:
+    return tuple(f"{kind}_{L}x{N}" for L, N in cells for kind in ("ode", "dmd"))
+
+
+def cell_overrides(L: int, N: int) -> tuple[str, ...]:
+    return (f"schedule.window_blocks={L}", f"schedule.passes={N}")
+
+
+def stage_grid(run: Run, name: str) -> dict:
+    """ode_LxN: ODE regression of cell B_{L,N} from the teacher; dmd_LxN: DMD from that ODE student."""
+    from ..train.dmd import DMDStage
+    from ..train.ode import ODEStage
+    kind, cell = name.split("_", 1)
+    L, N = (int(v) for v in GRID_CELL.match(cell).groups())
+    if kind == "ode":
+        return _train(run, ODEStage, name, "ode_overrides", [f"train.init={run.export('teacher')}",
+                                                             "train.init_ema=true", *cell_overrides(L, N)])
+    return _train(run, DMDStage, name, "dmd_overrides", [
+        f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true", f"dmd.generator={run.export('ode_' + cell)}",
+        "dmd.generator_ema=true", *cell_overrides(L, N)])
 
 
 def stage_metric_nets(run: Run) -> dict:
@@ -238,9 +279,10 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     torch.set_flush_denormal(True)
     run = Run(cfg)
     OmegaConf.save(cfg, run.config_path)
-    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES
+    grid = grid_stages(grid_cells(cfg))
+    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + grid
     order = (STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
-             + (COMPARISON_STAGES if cfg.world.dmd_window else ()))
+             + (COMPARISON_STAGES if cfg.world.dmd_window else ()) + grid)
     wanted = list(stages or order)
     unknown = [s for s in wanted if s not in every]
     if unknown:
@@ -254,7 +296,7 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
             continue
         progress(f"[world] {name} ...")
         t0 = time.time()
-        result = STAGE_FUNCS[name](run)
+        result = stage_grid(run, name) if name in grid else STAGE_FUNCS[name](run)
         run.mark(name, result, time.time() - t0)
         progress(f"[world] {name}: finished in {time.time() - t0:.1f} s")
     total = sum(v.get("seconds", 0) for v in run.state.values() if isinstance(v, dict))
