@@ -34,6 +34,7 @@ from torch import nn
 from . import AvatarForcingError
 from .audio import FPS, SAMPLE_RATE
 from .backends import metric_backend
+from .units import LATENT_STRIDE
 
 DEFAULT_BACKEND = "world"        # metric backend of nets trained / saved without one (the synthetic world)
 CHECKPOINT_VERSION = 1
@@ -344,7 +345,8 @@ def delta_e(frames: np.ndarray, reference: np.ndarray, crop: float = 0.6, chunk:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def block_seam_excess(adjacent: np.ndarray, period: int, pairs: slice = slice(None), stride: int = 4) -> float:
+def block_seam_excess(adjacent: np.ndarray, period: int, pairs: slice = slice(None),
+                      stride: int = LATENT_STRIDE) -> float:
     """Mean of an adjacent-frame distance [T-1] over block seams minus its mean over the other latent-frame seams.
 
     Frame 0 is the reference, latent frame k >= 1 decodes to video frames 4k-3 .. 4k (``stride`` = 4) and block b

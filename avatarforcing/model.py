@@ -11,8 +11,8 @@ Parameter names are Wan2.1's own (``wan/modules/model.py``) plus the AvatarForci
 * ``window_kv(clean, ref, t, audio, cache)`` / ``reference_kv(ref, audio, cache)``: the K/V written into the
   cache by the clean re-run and the style-anchor prefill.
 
-Each builds its input channels itself (:func:`i2v_input`: 33, or 16 without reference channels) and runs :meth:`WanDiT.forward`, the tensor
-computation they share.
+Each builds its input channels itself (:func:`i2v_input`: 33, or 16 without reference channels) and runs
+:meth:`WanDiT.forward`, the tensor computation they share.
 
 Shapes: latents [B, C, F, H, W]; tokens [B, S, dim] with S = F * h * w, h = H/2, w = W/2 (patch 1x2x2);
 per-frame modulation e [B, F, 6, dim]; audio features per latent frame [B, F, audio_dim].
@@ -520,12 +520,8 @@ def i2v_input(noisy: torch.Tensor, ref: torch.Tensor, first_frame: int, in_dim: 
     noisy [B, C, F, h, w] holds absolute latent frames first_frame..first_frame+F-1; ref [B, C, 1, h, w].
     """
     B, C, Fn, h, w = noisy.shape
-    if in_dim == C:
+    if in_dim == C:                                   # DiTConfig checks in_dim is C or 2C + 1
         return noisy
-    if in_dim != 2 * C + 1:
-        from . import AvatarForcingError
-        raise AvatarForcingError(f"model.in_dim={in_dim} does not fit {C} latent channels: use {2 * C + 1} "
-                                 f"(reference channels + mask, as Wan2.1 I2V) or {C} (identity through attention only)")
     y = ref.to(noisy.dtype).expand(B, -1, Fn, h, w)
     m = torch.ones(B, 1, Fn, h, w, dtype=noisy.dtype, device=noisy.device)
     if first_frame == 0:

@@ -35,7 +35,8 @@ HOLDS, DOES_NOT_HOLD, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 
 # metric (without its _total / _last suffix) -> higher is better: avatarforcing/metrics.py's (the world's) and
 # avatarforcing/evaluation/'s (real videos)
-HIGHER_IS_BETTER = {"csim": True, "sync_conf": True, "delta_e": False, "adj_feat": False, "adj_pixel": False, "seam_feat": False,
+HIGHER_IS_BETTER = {"csim": True, "sync_conf": True, "delta_e": False, "adj_feat": False, "adj_pixel": False,
+                    "seam_feat": False,
                     "sync_offset": False, "sync_dist": False, "fid": False, "latency_s_per_frame": False,
                     "sync_c": True, "sync_d": False, "fvd": False, "adj_lpips": False, "psnr": True, "ssim": True,
                     "flicker": False}

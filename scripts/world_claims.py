@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.world.bench import Arm, comparison_entry, mean_pixel_change  # noqa: E402
 from avatarforcing.world.layout import MODEL_DIRS  # noqa: E402
+from avatarforcing.world.pipeline import GRID_CELL, cell_overrides  # noqa: E402
 from avatarforcing.ablations import grid_name, table_variants  # noqa: E402
 from world_controls import cli, describe, open_from_args, report, write_results  # noqa: E402
 
@@ -84,11 +85,12 @@ def grid_claims(grid_run) -> tuple[dict[str, Arm], tuple]:
     with the schedule it was trained for."""
     arms, claims = {}, []
     for path in sorted(Path(grid_run).glob("dmd_*x*/export/model.pt")):
-        L, N = (int(v) for v in path.parent.parent.name[4:].split("x"))
-        if (L, N) == (4, 1):
+        cell = GRID_CELL.match(path.parent.parent.name[len("dmd_"):])
+        if cell is None or (int(cell[1]), int(cell[2])) == (4, 1):
             continue
+        L, N = int(cell[1]), int(cell[2])
         name = f"{grid_name(L, N)} trained"
-        arms[name] = Arm(name, (f"schedule.window_blocks={L}", f"schedule.passes={N}"), checkpoint=str(path))
+        arms[name] = Arm(name, cell_overrides(L, N), checkpoint=str(path))
         claims.append((f"Look-ahead beats passes at matched L·N = 4, each cell trained: B_{{4,1}} beats "
                        f"{grid_name(L, N)}", FULL, name, "adj_feat_last", STABLE))
     if not claims:

@@ -58,8 +58,14 @@ def compare(pipe32: AvatarPipeline, blocks: int, repo_root):
     return errors, psnr(frames["bf16"], frames["fp32"])
 
 
-def test_demo_pipeline_bf16_matches_fp32(repo_root):
-    pipe = AvatarPipeline.from_config(load_config(repo_root / "configs/demo.yaml", ["inference.dtype=fp32"]))
+@pytest.mark.parametrize("config,overrides", [
+    ("configs/demo.yaml", []),
+    # the anchor world's student: no reference channels (in_dim 16); also with the reference seeding the cache
+    ("configs/world/v2_anchor_student.yaml", []),
+    ("configs/world/v2_anchor_student.yaml", ["cache.style_anchor=false", "cache.reference_in_temporal=true"]),
+])
+def test_demo_pipeline_bf16_matches_fp32(repo_root, config, overrides):
+    pipe = AvatarPipeline.from_config(load_config(repo_root / config, ["inference.dtype=fp32", *overrides]))
     errors, db = compare(pipe, 3, repo_root)
     assert max(errors) < 0.02, errors
     assert db > 40.0, db

@@ -122,7 +122,9 @@ def other_case(case: Case, cases: Sequence[Case]) -> Case:
 
 
 # The two temporal-cache controls were judged on adj_feat_total (all adjacent pairs) until the world v2 bench
-# (in_dim 33) missed both; a seam effect is diluted 16-fold there.  seam_feat was chosen before the next bench ran.
+# (in_dim 33) missed both; a seam effect is diluted 16-fold there.  seam_feat replaced it before the anchor-world
+# bench; its definition was then corrected once after that bench (it had counted the codec's latent-frame edges
+# as seams; results/world_v2_anchor/controls_first_seam_definition.json), which changed no verdict.
 SEAM_NOTE = ("; adj_feat over all pairs, this control's metric before, dilutes a seam effect 16-fold (4 x B video "
              "frames per block)")
 
