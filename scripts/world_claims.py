@@ -90,7 +90,7 @@ def grid_claims(grid_run) -> tuple[dict[str, Arm], tuple]:
             continue
         L, N = int(cell[1]), int(cell[2])
         name = f"{grid_name(L, N)} trained"
-        arms[name] = Arm(name, cell_overrides(L, N), checkpoint=str(path))
+        arms[name] = Arm.trained(name, path, cell_overrides(L, N))
         claims.append((f"Look-ahead beats passes at matched L·N = 4, each cell trained: B_{{4,1}} beats "
                        f"{grid_name(L, N)}", FULL, name, "adj_feat_last", STABLE))
     if not claims:
@@ -129,7 +129,7 @@ def _main(args) -> int:
     arms = claim_arms(bench.checkpoint)
     claims = CLAIMS
     if args.dmd_window:
-        arms[WINDOW] = Arm(WINDOW, checkpoint=str(args.dmd_window))
+        arms[WINDOW] = Arm.trained(WINDOW, args.dmd_window)
         claims = CLAIMS + (WINDOW_CLAIM,)
     arms.update(grid_arms)
     claims = claims + grid

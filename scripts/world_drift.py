@@ -48,8 +48,8 @@ NO_STYLE_ANCHOR = tuple(ABLATION_NO_STYLE_ANCHOR)
 def drift_arms(baseline: str | None) -> list[Arm]:
     arms = [Arm("AvatarForcing (shipped)"), Arm("AvatarForcing w/o style anchor", NO_STYLE_ANCHOR)]
     if baseline:
-        arms += [Arm("causal L=1 (Self-Forcing 1-step)", CAUSAL, checkpoint=baseline),
-                 Arm("causal L=1 w/o style anchor", CAUSAL + NO_STYLE_ANCHOR, checkpoint=baseline)]
+        arms += [Arm.trained("causal L=1 (Self-Forcing 1-step)", baseline, CAUSAL),
+                 Arm.trained("causal L=1 w/o style anchor", baseline, CAUSAL + NO_STYLE_ANCHOR)]
     return arms
 
 

@@ -3,7 +3,6 @@ on the shipped demo model and very short held-out clips."""
 import csv
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +150,27 @@ def _script(name):
     return module
 
 
+def _run_export(dest: Path) -> Path:
+    """A world run's export (train/checkpointing.py): the demo's weights as 'generator_ema' and other raw weights
+    as 'generator', so an arm that read the raw weights would not match the demo."""
+    ema = torch.load(CKPT)["generator"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": {k: v + 0.05 if v.is_floating_point() else v for k, v in ema.items()},
+                "generator_ema": ema}, dest)
+    return dest
+
+
+def test_trained_arm_reads_the_exports_ema_weights(tmp_path):
+    export = _run_export(tmp_path / "dmd" / "export" / "model.pt")
+    arm = Arm.trained("B_{2,2} trained", export, ("schedule.window_blocks=2", "schedule.passes=2"))
+    assert arm.overrides[-1] == "inference.use_ema=true" and arm.checkpoint == str(export)
+    shipped = build_pipe(DEMO, CKPT).model.state_dict()
+    loaded = build_pipe(DEMO, arm.checkpoint, arm.overrides).model.state_dict()
+    assert all(torch.equal(loaded[k], shipped[k]) for k in shipped)
+    raw = build_pipe(DEMO, export).model.state_dict()                  # what a plain Arm(checkpoint=...) read
+    assert not all(torch.equal(raw[k], shipped[k]) for k in shipped)
+
+
 def test_scripts_write_controls_and_claims(tmp_path):
     nets = tmp_path / "nets.pt"
     MetricNets.random().save(nets)
@@ -178,20 +198,23 @@ def test_scripts_write_controls_and_claims(tmp_path):
     cache = next((tmp_path / "run" / "cache").iterdir())
     assert len(list(cache.iterdir())) == 1 + len(controls()) + len(claims_script.claim_arms(CKPT)) - 2
     assert _script("world_controls").main(args + ["--cases", "1"]) == 1          # a one-line error
-    # --dmd-window adds the item-3 claim: a second trained student (here the demo again) against the shipped one
-    assert claims_script.main(args + ["--dmd-window", str(CKPT)]) == 0
+    # --dmd-window adds the item-3 claim: a second trained student (here an export whose EMA is the demo) against
+    # the shipped one; the arm reads the export's EMA weights, as the shipped student is its run's EMA
+    window = _run_export(tmp_path / "dmd_window" / "export" / "model.pt")
+    assert claims_script.main(args + ["--dmd-window", str(window)]) == 0
     last = json.loads((tmp_path / "out" / "claims.json").read_text())[-1]
-    assert last["claim"] == claims_script.WINDOW_CLAIM[0] and last["winner_overrides"] == f"weights={CKPT}"
+    assert last["claim"] == claims_script.WINDOW_CLAIM[0]
+    assert last["winner_overrides"] == f"inference.use_ema=true weights={window}"
     assert last["effect"] == pytest.approx(0.0, abs=1e-9) and last["verdict"] == "inconclusive"   # same weights
     assert claims_script.main(args + ["--dmd-window", str(tmp_path / "missing.pt")]) == 1
     # --grid-run adds Table 3's claims with each cell trained (here the demo's weights stand in for B_{2,2}'s)
     grid = tmp_path / "grid"
-    (grid / "dmd_2x2" / "export").mkdir(parents=True)
-    shutil.copy(CKPT, grid / "dmd_2x2" / "export" / "model.pt")
+    _run_export(grid / "dmd_2x2" / "export" / "model.pt")
     assert claims_script.main(args + ["--grid-run", str(grid)]) == 0
     last = json.loads((tmp_path / "out" / "claims.json").read_text())[-1]
     assert last["claim"].endswith("each cell trained: B_{4,1} beats B_{2,2}") and last["other"] == "B_{2,2} trained"
-    assert last["other_overrides"] == f"schedule.window_blocks=2 schedule.passes=2 weights={grid}/dmd_2x2/export/model.pt"
+    assert last["other_overrides"] == ("schedule.window_blocks=2 schedule.passes=2 inference.use_ema=true "
+                                       f"weights={grid}/dmd_2x2/export/model.pt")
     assert last["video_change"] > 0                                     # another schedule: another video
     assert claims_script.main(args + ["--grid-run", str(tmp_path / "run")]) == 1    # no trained cell: one line
 
@@ -217,10 +240,13 @@ def test_drift_script_runs_a_trained_baseline_arm(tmp_path):
     nets = tmp_path / "nets.pt"
     MetricNets.random().save(nets)
     args = ["--cases", "2", "--seconds", "1.5", "--metric-nets", str(nets), "--run", str(tmp_path / "run"),
-            "--out", str(tmp_path / "out"), "--resamples", "2000", "--baseline", str(CKPT)]
+            "--out", str(tmp_path / "out"), "--resamples", "2000", "--baseline",
+            str(_run_export(tmp_path / "self_forcing" / "export" / "model.pt"))]
     assert _script("world_drift").main(args) == 0
     entries = json.loads((tmp_path / "out" / "drift.json").read_text())
-    assert [e["arm"] for e in entries] == [a.name for a in _script("world_drift").drift_arms(str(CKPT))]
+    arms = _script("world_drift").drift_arms(args[-1])
+    assert [e["arm"] for e in entries] == [a.name for a in arms]
+    assert all("inference.use_ema=true" in a.overrides for a in arms if a.checkpoint)     # the baseline's EMA
     for e in entries:
         assert e["n_cases"] == 2 and e["ci_low"] <= e["drift"] <= e["ci_high"] and e["drifts"] == (e["ci_low"] > 0)
     assert _script("world_drift").main(args[:-1] + [str(tmp_path / "missing.pt")]) == 1

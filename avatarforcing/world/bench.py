@@ -77,6 +77,16 @@ class Arm:
         what = [list(self.overrides), self.tag] + ([file_digest(self.checkpoint)] if self.checkpoint else [])
         return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:12]
 
+    @classmethod
+    def trained(cls, name: str, export, overrides: Sequence[str] = ()) -> "Arm":
+        """An arm that runs another model a world run trained (``RUN/<stage>/export/model.pt``) with its EMA weights.
+
+        An export holds the raw weights ('generator') and their EMA ('generator_ema'); the shipped student is the
+        EMA of its run (``world.pipeline.ship``) and the pipeline's own evaluation reads the EMA too, so a trained
+        comparison arm must read the EMA as well, or it is judged on noisier weights than the student it is
+        compared with."""
+        return cls(name, (*overrides, "inference.use_ema=true"), checkpoint=str(export))
+
     def injected(self, pipe, case: Case, cases: Sequence[Case]) -> ContextManager:
         return self.inject(pipe, case, cases) if self.inject is not None else contextlib.nullcontext()
 

@@ -187,9 +187,10 @@ def _truth_envelope(truth: np.ndarray, wav, sample_rate: int, fps: int, num_fram
 
 
 def run_overrides(run_dir) -> list[str]:
-    """Overrides that point the config at a run's codec (``RUN/codec.pt``) when it exists."""
+    """Overrides for evaluating a run's models: their EMA weights (every stage's export holds 'generator' and
+    'generator_ema'; the shipped student is the EMA) and the run's codec (``RUN/codec.pt``) when it exists."""
     codec = RunLayout(run_dir).codec
-    return ["vae.kind=world", f"vae.path={codec}"] if codec.is_file() else []
+    return ["inference.use_ema=true"] + (["vae.kind=world", f"vae.path={codec}"] if codec.is_file() else [])
 
 
 METRIC_KEYS = ("csim", "delta_e", "adj_feat", "adj_pixel", "sync_conf", "sync_offset", "sync_dist", "fid")

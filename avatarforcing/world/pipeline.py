@@ -200,8 +200,8 @@ def stage_evaluate(run: Run) -> dict:
         "Student (ODE)": ("student", run.export("ode_student"), []),
         "AvatarForcing (DMD)": ("student", run.export("dmd"), []),
     }
-    rows = E.evaluate_run(run.eval_dir, cfg, variants, cases, nets, teacher_steps=int(w.eval_teacher_steps),
-                          overrides=["inference.use_ema=true"])          # the runs' exports hold EMA weights
+    rows = E.evaluate_run(run.dir, cfg, variants, cases, nets, out_dir=run.eval_dir,
+                          teacher_steps=int(w.eval_teacher_steps))         # E.run_overrides: the exports' EMA weights
     return {"rows": rows, "table": str(run.eval_dir / "table.md")}
 
 
