@@ -74,3 +74,21 @@ def test_grid_cells_are_checked_before_training():
     for bad in ("[2x1]", "[2by2]", "[3x3]"):
         with pytest.raises(AvatarForcingError, match=r"world.grid cell .*: write LxN with L\*N = 4 .*world.grid=\[2x2,1x4\]"):
             grid_cells(load_config("configs/world/fast.yaml", [f"world.grid={bad}"]))
+
+
+def test_codec_from_copies_a_trained_codec(fast_run, tmp_path):
+    """world.codec_from: the codec stage stops on a wall clock, so rebuilding a shipped run starts from its codec."""
+    run, _, _, _ = fast_run
+    cfg = load_config("configs/world/fast.yaml", [f"world.run={tmp_path / 'again'}", f"world.codec_from={run / 'codec.pt'}"])
+    state = run_pipeline(cfg, ["codec"], progress=lambda *_: None)
+    assert (tmp_path / "again" / "codec.pt").read_bytes() == (run / "codec.pt").read_bytes()
+    assert state["codec"]["result"] == {"copied_from": str(run / "codec.pt")}
+    (tmp_path / "notes.txt").write_text("not a codec")
+    for source, extra, message in ((tmp_path / "missing.pt", [], "not found"),
+                                   (tmp_path / "notes.txt", [], "cannot read world codec file"),
+                                   (run / "codec.pt", ["vae.z_dim=8"], "latent channels but vae.z_dim=8")):
+        bad = load_config("configs/world/fast.yaml", [f"world.run={tmp_path / 'bad'}", f"world.codec_from={source}",
+                                                      *extra])
+        with pytest.raises(AvatarForcingError, match=message):
+            run_pipeline(bad, ["codec"], progress=lambda *_: None)
+        assert not (tmp_path / "bad" / "codec.pt").exists()

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import AvatarForcingError
-from ..config import REPO_ROOT, apply_overrides
+from ..config import REPO_ROOT, apply_overrides, resolve_path
 from .layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,19 @@ def stage_data(run: Run) -> dict:
 
 
 def stage_codec(run: Run) -> dict:
-    from .codec import train_codec
+    from .codec import WorldCodec, train_codec
     w = run.cfg.world
+    if w.codec_from:                       # a shipped codec: the training stops on a wall clock, so it cannot be redone
+        src = resolve_path(str(w.codec_from))
+        if not src.is_file():
+            raise AvatarForcingError(f"world.codec_from={w.codec_from} not found; give a trained codec (e.g. "
+                                     "assets/world_v2/codec.pt) or leave it empty to train one")
+        codec = WorldCodec.load(src)       # a codec file, or a clear error before it enters the run
+        if codec.z_dim != int(run.cfg.vae.z_dim):
+            raise AvatarForcingError(f"world.codec_from={w.codec_from} has {codec.z_dim} latent channels but "
+                                     f"vae.z_dim={run.cfg.vae.z_dim}; give a codec of this world or set vae.z_dim")
+        shutil.copy2(src, run.codec)
+        return {"copied_from": str(w.codec_from)}
     res = train_codec(run.codec, steps=int(w.codec_steps), size=int(w.size), seed=int(w.seed),
                       time_budget_s=float(w.codec_minutes) * 60, z_dim=int(run.cfg.vae.z_dim),
                       crop=int(w.codec_crop) or None, refresh_every=int(w.codec_refresh_every), version=int(w.version),
