@@ -17,7 +17,8 @@ held-out identities gives the effect (> 0 = the claimed winner is better) and it
 are those of scripts/world_controls.py (same --run: the clean arm is computed once for both).
 
 With --grid-run (a world run whose pipeline trained Table 3's cells, world.grid=[2x2,1x4]) the matched-L·N
-claims are also judged with every cell trained for its own schedule (grid_claims), as the paper trains them.
+claims are also judged with every cell trained for its own schedule (grid_claims), as the paper trains them: each
+cell against the run's own main student (RUN/dmd, B_{4,1}), so every model compared comes from one teacher.
 
 With --dmd-window (the world pipeline's RUN/dmd_window/export/model.pt: the same DMD stage with the loss on every
 block of the chosen window, dmd.grad_blocks=window) one more claim compares the two trained students: that DMD
@@ -38,9 +39,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.world.bench import Arm, comparison_entry, mean_pixel_change  # noqa: E402
-from avatarforcing.world.layout import MODEL_DIRS  # noqa: E402
+from avatarforcing.world.layout import MODEL_DIRS, RunLayout  # noqa: E402
 from avatarforcing.world.pipeline import GRID_CELL, cell_overrides  # noqa: E402
 from avatarforcing.ablations import grid_name, table_variants  # noqa: E402
+from avatarforcing.schedule import WindowSchedule  # noqa: E402
 from world_controls import cli, describe, open_from_args, report, write_results  # noqa: E402
 
 GRID = ((1, 2, 4), (1, 2, 4))
@@ -80,19 +82,32 @@ WINDOW_CLAIM = ("DMD gradient on every window block beats the emitted block only
 
 
 def grid_claims(grid_run) -> tuple[dict[str, Arm], tuple]:
-    """Table 3 with each cell trained (the world pipeline's world.grid: RUN/dmd_LxN/export/model.pt): the shipped
-    student is the trained B_{4,1}; every other trained cell of its L·N = 4 levels is compared with it, each run
-    with the schedule it was trained for."""
-    arms, claims = {}, []
-    for path in sorted(Path(grid_run).glob("dmd_*x*/export/model.pt")):
+    """Table 3 with each cell trained (the world pipeline's world.grid: RUN/dmd_LxN/export/model.pt).  Every cell is
+    compared with the run's own main student (RUN/dmd, B_{L,N} of the run's schedule: the shipped B_{4,1}'s recipe)
+    at the same L·N: all of them come from one teacher and one backfill, and each runs the schedule it was trained
+    for, with its EMA weights.  The larger window is the claimed winner."""
+    from omegaconf import OmegaConf
+    run = RunLayout(grid_run)
+    if not run.export("dmd").is_file() or not (run.stage_dir("dmd") / "config.yaml").is_file():
+        raise AvatarForcingError(f"--grid-run {grid_run} has no main DMD student (dmd/export/model.pt); the trained "
+                                 "cells are compared with the B_{4,1} of their own run: run its pipeline's dmd stage")
+    sched = WindowSchedule.from_config(OmegaConf.load(run.stage_dir("dmd") / "config.yaml").schedule)
+    main_cell = (sched.L, sched.N)
+    main = f"{grid_name(*main_cell)} trained"
+    arms, claims = {main: Arm.trained(main, run.export("dmd"), cell_overrides(*main_cell))}, []
+    for path in sorted(run.dir.glob("dmd_*x*/export/model.pt")):
         cell = GRID_CELL.match(path.parent.parent.name[len("dmd_"):])
-        if cell is None or (int(cell[1]), int(cell[2])) == (4, 1):
+        if cell is None:
             continue
         L, N = int(cell[1]), int(cell[2])
+        if (L, N) == main_cell or L * N != main_cell[0] * main_cell[1]:
+            continue
         name = f"{grid_name(L, N)} trained"
         arms[name] = Arm.trained(name, path, cell_overrides(L, N))
-        claims.append((f"Look-ahead beats passes at matched L·N = 4, each cell trained: B_{{4,1}} beats "
-                       f"{grid_name(L, N)}", FULL, name, "adj_feat_last", STABLE))
+        (big, small) = (main, name) if main_cell[0] > L else (name, main)
+        claims.append((f"Look-ahead beats passes at matched L·N = {L * N}, each cell trained: "
+                       f"{big.removesuffix(' trained')} beats {small.removesuffix(' trained')}", big, small,
+                       "adj_feat_last", STABLE))
     if not claims:
         raise AvatarForcingError(f"--grid-run {grid_run} has no trained Table 3 cell (dmd_LxN/export/model.pt); "
                                  "train them with the world pipeline (world.grid=[2x2,1x4]) or leave --grid-run out")

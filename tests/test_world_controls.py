@@ -207,16 +207,25 @@ def test_scripts_write_controls_and_claims(tmp_path):
     assert last["winner_overrides"] == f"inference.use_ema=true weights={window}"
     assert last["effect"] == pytest.approx(0.0, abs=1e-9) and last["verdict"] == "inconclusive"   # same weights
     assert claims_script.main(args + ["--dmd-window", str(tmp_path / "missing.pt")]) == 1
-    # --grid-run adds Table 3's claims with each cell trained (here the demo's weights stand in for B_{2,2}'s)
+    # --grid-run adds Table 3's claims with each cell trained, against the B_{4,1} trained in the same run (here
+    # the demo's weights stand in for both)
     grid = tmp_path / "grid"
+    assert claims_script.main(args + ["--grid-run", str(grid)]) == 1               # no run: one line
+    _run_export(grid / "dmd" / "export" / "model.pt")
+    from omegaconf import OmegaConf
+    cfg = load_config(DEMO, ["schedule.window_blocks=null"])              # as a run saves it: L = len(steps) / N
+    OmegaConf.save(cfg, grid / "dmd" / "config.yaml")
+    assert claims_script.main(args + ["--grid-run", str(grid)]) == 1               # no trained cell: one line
     _run_export(grid / "dmd_2x2" / "export" / "model.pt")
     assert claims_script.main(args + ["--grid-run", str(grid)]) == 0
     last = json.loads((tmp_path / "out" / "claims.json").read_text())[-1]
-    assert last["claim"].endswith("each cell trained: B_{4,1} beats B_{2,2}") and last["other"] == "B_{2,2} trained"
+    assert last["claim"].endswith("each cell trained: B_{4,1} beats B_{2,2}")
+    assert (last["winner"], last["other"]) == ("B_{4,1} trained", "B_{2,2} trained")
+    assert last["winner_overrides"] == ("schedule.window_blocks=4 schedule.passes=1 inference.use_ema=true "
+                                        f"weights={grid}/dmd/export/model.pt")
     assert last["other_overrides"] == ("schedule.window_blocks=2 schedule.passes=2 inference.use_ema=true "
                                        f"weights={grid}/dmd_2x2/export/model.pt")
     assert last["video_change"] > 0                                     # another schedule: another video
-    assert claims_script.main(args + ["--grid-run", str(tmp_path / "run")]) == 1    # no trained cell: one line
 
 
 def test_drift_is_the_models_loss_beyond_the_real_videos():
