@@ -104,7 +104,7 @@ def grid_claims(grid_run) -> tuple[dict[str, Arm], tuple]:
             continue
         name = f"{grid_name(L, N)} trained"
         arms[name] = Arm.trained(name, path, cell_overrides(L, N))
-        (big, small) = (main, name) if main_cell[0] > L else (name, main)
+        big, small = (main, name) if main_cell[0] > L else (name, main)
         claims.append((f"Look-ahead beats passes at matched L·N = {L * N}, each cell trained: "
                        f"{big.removesuffix(' trained')} beats {small.removesuffix(' trained')}", big, small,
                        "adj_feat_last", STABLE))

@@ -169,6 +169,12 @@ def test_trained_arm_reads_the_exports_ema_weights(tmp_path):
     assert all(torch.equal(loaded[k], shipped[k]) for k in shipped)
     raw = build_pipe(DEMO, export).model.state_dict()                  # what a plain Arm(checkpoint=...) read
     assert not all(torch.equal(raw[k], shipped[k]) for k in shipped)
+    # world_ablations.py and the pipeline's evaluation read a run's exports through run_overrides: the EMA as well
+    from avatarforcing.config import apply_overrides
+    from avatarforcing.world.evaluate import run_overrides
+    cfg = apply_overrides(load_config(DEMO), run_overrides(tmp_path), "run")
+    via_run = build_pipe(cfg, export).model.state_dict()
+    assert all(torch.equal(via_run[k], shipped[k]) for k in shipped)
 
 
 def test_scripts_write_controls_and_claims(tmp_path):
