@@ -39,8 +39,8 @@ def test_v1_clips_unchanged(key):
 
 
 def test_unknown_version_is_an_error():
-    with pytest.raises(AvatarForcingError, match="version must be 1 or 2"):
-        generate_clip(0, 0.2, 64, version=3)
+    with pytest.raises(AvatarForcingError, match="version must be 1, 2 or 3"):
+        generate_clip(0, 0.2, 64, version=4)
 
 
 @needs_espeak
@@ -165,5 +165,55 @@ def test_pipeline_refuses_an_unknown_world_version(tmp_path):
     from avatarforcing import AvatarForcingError
     from avatarforcing.config import load_config
     from avatarforcing.world.pipeline import run_pipeline
-    with pytest.raises(AvatarForcingError, match="world.version=3: choose 1"):
-        run_pipeline(load_config("configs/world/v2.yaml", [f"world.run={tmp_path}", "world.version=3"]))
+    with pytest.raises(AvatarForcingError, match=r"world.version=4 .*must be 1, 2 or 3"):
+        run_pipeline(load_config("configs/world/v2.yaml", [f"world.run={tmp_path}", "world.version=4"]))
+
+
+def _prediction_error(x: np.ndarray, history: int, ahead: int) -> float:
+    """RMS error of predicting x[t + ahead - 1] linearly from x[t - history:t] (least squares over the track),
+    over the RMS of the change it has to predict, x[t + ahead - 1] - x[t - 1]."""
+    n = len(x) - history - ahead + 1
+    X = np.stack([x[i:i + n] for i in range(history)] + [np.ones(n)], 1)
+    y = x[history + ahead - 1:history + ahead - 1 + n]
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    return float(np.sqrt(np.mean((X @ coef - y) ** 2)) / np.sqrt(np.mean((y - X[:, history - 1]) ** 2)))
+
+
+def test_v3_sway_is_large_and_follows_from_its_past():
+    """World v3's head is always moving, and far more predictable from its last frames than v2's turns."""
+    T, fps = 60 * 25, 25
+    mouth = np.tile(VISEME_SHAPES[0], (T, 1))
+    visemes = np.zeros(T, np.int64)
+    v2 = [sample_motion_v2(T, s, mouth, visemes, fps).head_pose for s in range(8)]
+    v3 = [sample_motion_v2(T, s, mouth, visemes, fps, sway=True).head_pose for s in range(8)]
+    yaw_speed = lambda poses: np.mean([np.abs(np.diff(p[:, 3])).mean() for p in poses])   # noqa: E731
+    assert yaw_speed(v3) > 3 * yaw_speed(v2)
+    # every 0.64 s block moves the head: the yaw range within each block is never near zero
+    for p in v3:
+        blocks = p[: T // 16 * 16, 3].reshape(-1, 16)
+        assert np.percentile(np.ptp(blocks, 1), 10) > 0.05
+    # the yaw at the end of the next block (16 frames) from the 8 frames before (what the 2-latent-frame temporal
+    # cache holds): v3's is predictable, v2's (turns to random targets) is not
+    err = lambda poses: np.mean([_prediction_error(p[:, 3], 8, 16) for p in poses])    # noqa: E731
+    assert err(v3) < 0.05 and err(v2) > 0.5
+    same = sample_motion_v2(T // 3, 3, mouth[:T // 3], visemes[:T // 3], fps, sway=True).head_pose
+    assert np.array_equal(same, v3[3][:T // 3])                                             # prefix-consistent
+
+
+@needs_espeak
+def test_v3_world_writes_its_own_version(tmp_path):
+    from avatarforcing.world.dataset import write_world
+    from avatarforcing.world.evaluate import held_out_cases
+    a, b = generate_clip(5, 0.6, 32, version=3), generate_clip(5, 0.6, 32, version=2)
+    assert np.array_equal(a.wav, b.wav) and a.identity == b.identity                 # same speech and avatar,
+    assert not np.array_equal(a.motion.head_pose, b.motion.head_pose)                 # another motion
+    assert ground_truth_v2(a, 32, 0.6, None, None)["version"] == 3
+    write_world(tmp_path, 1, seconds=0.6, size=32, seed=1, version=3, mux_audio=False)
+    assert json.loads((tmp_path / "clip_00000.json").read_text())["version"] == 3
+    with pytest.raises(AvatarForcingError, match="was made with"):                     # a v3 folder is not a v2 one
+        write_world(tmp_path, 1, seconds=0.6, size=32, seed=1, version=2, mux_audio=False)
+    case, = held_out_cases(1, 0.6, size=32, seed=77, version=3)
+    assert case.mouth_truth is not None and case.real_frames.shape == (15, 32, 32, 3)
+    from avatarforcing.config import load_config
+    cfg = load_config("configs/world/sway.yaml")
+    assert (cfg.world.version, cfg.model.in_dim, cfg.world.run) == (3, 16, "runs/world_sway")

@@ -52,8 +52,8 @@ def test_held_out_cases_v2_truth_and_cache(tmp_path, monkeypatch):
         assert (x.seed, x.index, x.world_seed) == (y.seed, y.index, y.world_seed)
         for k in ("real_frames", "wav", "mouth_truth", "reference"):
             assert np.array_equal(getattr(x, k), getattr(y, k)) and getattr(x, k).dtype == getattr(y, k).dtype
-    with pytest.raises(AvatarForcingError, match="version"):
-        E.held_out_cases(1, 0.4, version=3)
+    with pytest.raises(AvatarForcingError, match="version must be 1, 2 or 3"):
+        E.held_out_cases(1, 0.4, version=4)
 
 
 def test_held_out_cases_v1_unchanged_and_workers(tmp_path):

@@ -564,7 +564,7 @@ def train_codec(out_path: os.PathLike | str | None, steps: int = 2500, batch: in
     After training: ``latents_mean`` / ``latents_std`` from whole pool clips; PSNR (uint8, all frames) of
     encode_video -> decode on ``eval_clips`` clips of ``eval_seconds`` from seeds no training run uses
     (``heldout`` True), or on 4 of the given ``clips`` when clips were given (``heldout`` False).
-    ``version`` picks the world the pool and the held-out clips are rendered from (1 or 2, ``generate_clip``).
+    ``version`` picks the world the pool and the held-out clips are rendered from (1, 2 or 3, ``generate_clip``).
     ``latent_scale``: the normalisation of the latents (``WorldCodec.compute_latent_stats``: channel | global).
 
     Returns dict(psnr, seconds (total), steps, train_seconds, render_seconds, loss_first, loss_last (pixel
@@ -699,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--version", type=int, default=1, choices=(1, 2), help="world version to train on")
+    p.add_argument("--version", type=int, default=1, choices=(1, 2, 3), help="world version to train on")
     p.add_argument("--refresh-every", type=int, default=2, help="steps between new pool identities (0 = never)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -29,8 +29,15 @@ if TYPE_CHECKING:
     from .render_v2 import IdentityV2, MotionV2
     from .speech_tts import TTSClip
 
-FORMAT_VERSION = 1
-FORMAT_VERSION_V2 = 2
+FORMAT_VERSION = 1              # v1's json; v2's and v3's (one layout) carry their world version instead
+WORLD_VERSIONS = (1, 2, 3)      # 1: 64x64 flat faces; 2: world v2; 3: world v2 with a clip-long sway (render_v2)
+
+
+def check_world_version(version: int, who: str = "the world") -> int:
+    """``version`` if it is a world this package renders, else a one-line error."""
+    if version not in WORLD_VERSIONS:
+        raise AvatarForcingError(f"{who}: world version must be 1, 2 or 3 (world v2 with a sway), got {version}")
+    return version
 
 
 @dataclass
@@ -62,6 +69,7 @@ class ClipV2:
     motion: "MotionV2"
     speech: "TTSClip"        # visemes, phonemes, sentences, voice
     seed: int
+    version: int = 2         # 3: world v3 (the head sways, :func:`.render_v2.sample_motion_v2`)
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
 
@@ -76,13 +84,12 @@ class ClipV2:
 
 def generate_clip(seed: int, seconds: float, size: int = 64, version: int = 1) -> Clip | ClipV2:
     """One talking clip: identity, speech and motion all drawn from ``seed``; ``version=2`` is world v2
-    (espeak-ng speech with visemes, a turning, textured, lit head; see :mod:`.render_v2`).
+    (espeak-ng speech with visemes, a turning, textured, lit head; see :mod:`.render_v2`), ``version=3`` world v2
+    whose head sways with a clip-long period instead of turning at random (its pose follows from its past).
 
     Prefix-consistent: a shorter clip from the same seed is the start of a longer one."""
-    if version == 2:
-        return _generate_clip_v2(seed, seconds, size)
-    if version != 1:
-        raise AvatarForcingError(f"world version must be 1 or 2, got {version}")
+    if check_world_version(version) >= 2:
+        return _generate_clip_v2(seed, seconds, size, version)
     speech = synth_speech(seconds, seed)
     T = num_video_frames(seconds)
     identity = sample_identity(seed)
@@ -92,15 +99,16 @@ def generate_clip(seed: int, seconds: float, size: int = 64, version: int = 1) -
                 envelope=speech.envelope, seed=seed)
 
 
-def _generate_clip_v2(seed: int, seconds: float, size: int) -> ClipV2:
+def _generate_clip_v2(seed: int, seconds: float, size: int, version: int = 2) -> ClipV2:
     from .render_v2 import render_v2, sample_identity_v2, sample_motion_v2
     from .speech_tts import synth_tts
 
     speech = synth_tts(seconds, seed)
     identity = sample_identity_v2(seed)
-    motion = sample_motion_v2(len(speech.visemes), seed, speech.mouth, speech.visemes)
+    motion = sample_motion_v2(len(speech.visemes), seed, speech.mouth, speech.visemes, sway=version == 3)
     frames = render_v2(identity, motion.mouth, motion.head_pose, motion.light, motion.blink, size=size)
-    return ClipV2(frames=frames, wav=speech.wav, identity=identity, motion=motion, speech=speech, seed=seed)
+    return ClipV2(frames=frames, wav=speech.wav, identity=identity, motion=motion, speech=speech, seed=seed,
+                  version=version)
 
 
 def sample_reference(seed: int, size: int = 64) -> np.ndarray:
@@ -126,7 +134,7 @@ def ground_truth(clip: Clip, size: int, seconds: float, world_seed: int | None, 
 
 def ground_truth_v2(clip: ClipV2, size: int, seconds: float, world_seed: int | None, index: int | None) -> dict:
     m, sp = clip.motion, clip.speech
-    return dict(version=FORMAT_VERSION_V2, seed=clip.seed, world_seed=world_seed, index=index, size=size,
+    return dict(version=clip.version, seed=clip.seed, world_seed=world_seed, index=index, size=size,
                 seconds=seconds, fps=clip.fps, sample_rate=clip.sample_rate, num_frames=len(clip.frames),
                 caption=clip.caption, identity=clip.identity.to_dict(), mouth=_round(m.mouth),
                 visemes=m.visemes.tolist(), head_pose=_round(m.head_pose), light=_round(m.light, 3),
@@ -174,7 +182,7 @@ def _write_clip(out_dir: Path, index: int, seconds: float, size: int, world_seed
 
     name = _clip_name(index)
     clip = generate_clip(clip_seed(world_seed, index), seconds, size, version)
-    truth = ground_truth_v2 if version == 2 else ground_truth
+    truth = ground_truth_v2 if version >= 2 else ground_truth
     wav_path = out_dir / f"{name}.wav"
     write_wav(wav_path, clip.wav, clip.sample_rate)
     with VideoWriter(out_dir / f"{name}.mp4", clip.fps, audio_path=wav_path if mux_audio else None) as writer:
@@ -191,8 +199,7 @@ def write_world(out_dir: os.PathLike | str, num_clips: int, seconds: float = 8.0
 
     Resumable: complete clips are kept (and must have been made with the same settings), missing
     or partial ones are (re)written. Clip i depends only on (seed, i, seconds, size, version)."""
-    if version not in (1, 2):
-        raise AvatarForcingError(f"world version must be 1 or 2, got {version}")
+    check_world_version(version, "write_world")
     if num_clips <= 0 or seconds <= 0:
         raise AvatarForcingError(f"write_world needs num_clips > 0 and seconds > 0, got {num_clips} and {seconds}")
     if size < 8 or size % 2:
@@ -202,7 +209,7 @@ def write_world(out_dir: os.PathLike | str, num_clips: int, seconds: float = 8.0
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AvatarForcingError(f"cannot create {out_dir} ({exc.strerror}); choose a writable out_dir") from None
-    settings = dict(version=FORMAT_VERSION_V2 if version == 2 else FORMAT_VERSION, world_seed=seed, size=size,
+    settings = dict(version=version, world_seed=seed, size=size,
                     seconds=seconds)
     captions: dict[int, str] = {}
     todo = []

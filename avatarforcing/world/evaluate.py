@@ -49,7 +49,7 @@ import numpy as np
 from .. import AvatarForcingError
 from ..ablations import EvalItem, Scorer, evaluate_variants, resolve_config, total_last
 from ..ablations import markdown_table as _markdown_table
-from .dataset import clip_seed, generate_clip
+from .dataset import check_world_version, clip_seed, generate_clip
 from .layout import RunLayout
 from .speech import FPS, SAMPLE_RATE
 
@@ -95,8 +95,7 @@ def held_out_cases(num: int, seconds: float, size: int = 64, seed: int = HELD_OU
     if seed in (TRAIN_WORLD_SEED, CODEC_HELD_OUT_WORLD_SEED):
         raise AvatarForcingError(f"world seed {seed} is used in training; pick another held-out world seed "
                                  f"(default {HELD_OUT_WORLD_SEED})")
-    if version not in (1, 2):
-        raise AvatarForcingError(f"held_out_cases needs world version 1 or 2, got {version}")
+    check_world_version(version, "held_out_cases")
     if workers < 1:
         raise AvatarForcingError(f"held_out_cases needs workers >= 1, got {workers}")
     args = [(seed, i, seconds, size, version, cache_dir) for i in range(num)]
@@ -122,7 +121,7 @@ def held_out_case(seed: int, index: int, seconds: float, size: int = 64, version
         if len(clip.frames) < 2:
             raise AvatarForcingError(f"{seconds} s is too short for an evaluation clip; use >= 0.1 s")
         arrays = dict(frames=clip.frames, wav=clip.wav.astype(np.float32), seed=np.int64(clip.seed))
-        if version == 2:
+        if version >= 2:
             arrays["mouth_truth"] = clip.motion.mouth[:, 0].astype(np.float32)
         if path is not None:                                 # atomic: a cache file is complete or absent
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -239,7 +239,7 @@ def stage_self_forcing(run: Run) -> dict:
 
 def metric_backend_name(version: int) -> str:
     """The metric backend (avatarforcing/backends.py) that matches a world version."""
-    return "world" if version == 1 else f"world_v{version}"
+    return "world" if version == 1 else "world_v2"     # v3 is v2's renderer: its identities and mouths
 
 
 STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
@@ -283,9 +283,8 @@ def write_examples(assets: Path, seconds: float = 8.0, seed: int = 4242, version
 
 def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     """Run (or resume) the stages in order; returns ``state.json``'s content."""
-    if int(cfg.world.version) not in (1, 2):
-        raise AvatarForcingError(f"world.version={cfg.world.version}: choose 1 (the 64x64 world) or 2 (world v2, "
-                                 "configs/world/v2.yaml)")
+    from .dataset import check_world_version
+    check_world_version(int(cfg.world.version), f"world.version={cfg.world.version} (configs/world/v2.yaml, sway.yaml)")
     torch.set_num_threads(int(cfg.world.threads))
     torch.set_flush_denormal(True)
     run = Run(cfg)

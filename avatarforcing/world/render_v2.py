@@ -117,9 +117,31 @@ def _turns(rng, T, fps, amplitude):
     return out
 
 
-def sample_motion_v2(T: int, seed: int, mouth: np.ndarray, visemes: np.ndarray, fps: int = 25) -> MotionV2:
+def _sway(rng, t, amplitudes, periods=(1.6, 3.2)) -> np.ndarray:
+    """One clip-long sway: a sinusoid whose period, phase and amplitudes are drawn once per clip -> [T, len(amplitudes)].
+
+    Unlike :func:`_slow`'s sums and :func:`_turns`' jumps, nothing new happens after the first period: where the
+    head goes next is fixed by where it has been.  Each component has its own amplitude, drawn from [a/2, a], and
+    its own phase lag of up to a quarter period behind the first (a head that turns, then leans)."""
+    period = rng.uniform(*periods)
+    phase = rng.uniform(0, 2 * np.pi)
+    a = np.asarray(amplitudes, np.float64)
+    amp = rng.uniform(0.5, 1.0, size=len(a)) * a * rng.choice([-1.0, 1.0], size=len(a))
+    lag = np.concatenate([[0.0], rng.uniform(0, np.pi / 2, size=len(a) - 1)])
+    return amp[None] * np.sin(2 * np.pi * t[:, None] / period + phase - lag[None])
+
+
+SWAY_AMPLITUDES = (0.18, 0.06, 0.15, 0.60, 0.15)    # dx, dy, roll, yaw, pitch of world v3's sway
+
+
+def sample_motion_v2(T: int, seed: int, mouth: np.ndarray, visemes: np.ndarray, fps: int = 25,
+                     sway: bool = False) -> MotionV2:
     """Pose, light and blinks for T frames (deterministic from ``seed``, prefix-consistent in ``T``) around a
-    given mouth track (:func:`.speech_tts.synth_tts`).  See the module's design note."""
+    given mouth track (:func:`.speech_tts.synth_tts`).  See the module's design note.
+
+    ``sway=True`` is world v3's motion: the unpredictable parts (the fast sways and the head turns) are replaced
+    by one large sway of fixed period (1.6-3.2 s, :func:`_sway`), so the head is always moving and its next pose
+    is determined by its recent ones; the slow drifts, the light and the blinks are v2's."""
     mouth = np.asarray(mouth, np.float32)
     if T <= 0 or mouth.shape != (T, len(SHAPE_KEYS)) or np.shape(visemes) != (T,):
         raise AvatarForcingError(f"sample_motion_v2 needs T > 0, mouth [T, {len(SHAPE_KEYS)}] and visemes [T], got "
@@ -128,14 +150,25 @@ def sample_motion_v2(T: int, seed: int, mouth: np.ndarray, visemes: np.ndarray, 
     t = np.arange(T) / fps
     fast = (1.5, 20.0)                                               # v1-like sways and nods
     slow = (60.0, 300.0)                                             # drifts over minutes
-    pose = np.stack([
-        _slow(rng(0), t, 0.04, fast) + _slow(rng(1), t, 0.16, slow),                       # dx
-        _slow(rng(2), t, 0.03, fast) + _slow(rng(3), t, 0.10, slow) + 0.02 * mouth[:, 0],  # dy, nods while speaking
-        _slow(rng(4), t, 0.05, fast) + _slow(rng(5), t, 0.08, slow),                       # roll
-        _slow(rng(6), t, 0.12, fast) + _turns(rng(7), T, fps, 0.6),                        # yaw
-        _slow(rng(8), t, 0.06, fast) + _slow(rng(9), t, 0.18, slow),                       # pitch
-        np.exp(_slow(rng(10), t, 0.03, fast) + _slow(rng(11), t, 0.18, slow)),             # zoom
-    ], axis=1)
+    if sway:
+        sw = _sway(rng(19), t, SWAY_AMPLITUDES)
+        pose = np.stack([
+            sw[:, 0] + _slow(rng(1), t, 0.16, slow),                                     # dx
+            sw[:, 1] + _slow(rng(3), t, 0.10, slow) + 0.02 * mouth[:, 0],                # dy, nods while speaking
+            sw[:, 2] + _slow(rng(5), t, 0.08, slow),                                     # roll
+            sw[:, 3],                                                                    # yaw
+            sw[:, 4] + _slow(rng(9), t, 0.18, slow),                                     # pitch
+            np.exp(_slow(rng(11), t, 0.18, slow)),                                       # zoom
+        ], axis=1)
+    else:
+        pose = np.stack([
+            _slow(rng(0), t, 0.04, fast) + _slow(rng(1), t, 0.16, slow),                       # dx
+            _slow(rng(2), t, 0.03, fast) + _slow(rng(3), t, 0.10, slow) + 0.02 * mouth[:, 0],  # dy, nods while speaking
+            _slow(rng(4), t, 0.05, fast) + _slow(rng(5), t, 0.08, slow),                       # roll
+            _slow(rng(6), t, 0.12, fast) + _turns(rng(7), T, fps, 0.6),                        # yaw
+            _slow(rng(8), t, 0.06, fast) + _slow(rng(9), t, 0.18, slow),                       # pitch
+            np.exp(_slow(rng(10), t, 0.03, fast) + _slow(rng(11), t, 0.18, slow)),             # zoom
+        ], axis=1)
     az0, k0 = rng(12).uniform(-0.8, 0.8), rng(13).uniform(4500, 7000)
     light = np.stack([
         az0 + _slow(rng(14), t, 1.2, slow),                                                # azimuth
