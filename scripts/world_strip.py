@@ -39,7 +39,7 @@ def _main(args) -> int:
     from PIL import Image
 
     from avatarforcing.config import load_config, resolve_path
-    from avatarforcing.world.bench import Arm, build_pipe, rollout_arm
+    from avatarforcing.world.bench import Arm, rollout_arm
     from avatarforcing.world.controls import controls
     from avatarforcing.world.evaluate import HELD_OUT_WORLD_SEED, held_out_cases, world_version
 
@@ -52,14 +52,15 @@ def _main(args) -> int:
         raise AvatarForcingError("--every must be >= 1, --seconds > 0 and --case >= 0")
     torch.set_num_threads(2)
     cfg = load_config(args.config)
+    student = resolve_path(cfg.inference.checkpoint or "")
+    if not Path(student).is_file():
+        raise AvatarForcingError(f"student checkpoint not found: '{student}'; set inference.checkpoint in {args.config}")
     cases = held_out_cases(args.case + 2, args.seconds, size=int(cfg.inference.height), seed=HELD_OUT_WORLD_SEED,
                            version=world_version(cfg))                # the next case lends a control its identity
     case = cases[args.case]
-    student = resolve_path(cfg.inference.checkpoint)
     rows = [case.real_frames]
     for arm in [Arm("clean")] + [known[n] for n in wanted]:          # an arm's overrides need their own pipeline
-        pipe = build_pipe(cfg, arm.checkpoint or student, arm.overrides)
-        frames, _ = rollout_arm(arm, pipe, case, cases, seed=args.seed)
+        frames, _ = rollout_arm(arm, arm.pipe(cfg, student), case, cases, seed=args.seed)
         rows.append(frames)
     n = min(len(r) for r in rows)
     strip = np.concatenate([np.concatenate(list(r[:n:args.every]), axis=1) for r in rows], axis=0)

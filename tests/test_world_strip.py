@@ -33,3 +33,11 @@ def test_unknown_control_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
     assert "unknown control(s) ['wrong thing']" in r.stderr and "context noise at t = 1000" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_student_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("defaults: [" + str(ROOT / "configs/demo.yaml") + "]\ninference:\n  checkpoint: nope.pt\n")
+    r = _run("--config", str(cfg), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "student checkpoint not found" in r.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -87,6 +87,10 @@ class Arm:
         compared with."""
         return cls(name, (*overrides, "inference.use_ema=true"), checkpoint=str(export))
 
+    def pipe(self, cfg, checkpoint):
+        """The pipeline this arm runs: its own weights (or ``checkpoint``, the bench's student) and overrides."""
+        return build_pipe(cfg, self.checkpoint or checkpoint, self.overrides)
+
     def injected(self, pipe, case: Case, cases: Sequence[Case]) -> ContextManager:
         return self.inject(pipe, case, cases) if self.inject is not None else contextlib.nullcontext()
 
@@ -130,7 +134,7 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
 
     def rollout(arm, case):
         if arm.name not in pipes:
-            pipes[arm.name] = build_pipe(cfg, arm.checkpoint or checkpoint, arm.overrides)
+            pipes[arm.name] = arm.pipe(cfg, checkpoint)
         return rollout_arm(arm, pipes[arm.name], case, cases, seed)
 
     for case in cases:
