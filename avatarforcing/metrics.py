@@ -418,7 +418,8 @@ def _check_video(frames, reference) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fps: int = FPS,
                    tail_seconds: float = 10.0, sample_rate: int = SAMPLE_RATE, max_offset: int = 15,
-                   crop: float = 0.6, envelope=None, seam_period: int | None = None) -> dict:
+                   crop: float = 0.6, envelope=None, seam_period: int | None = None,
+                   curve_seconds: float | None = None) -> dict:
     """All metrics of one video -> {name_total, name_last, ...} (see the module docstring).
 
     frames uint8 [T, H, W, 3]; wav float [N] at ``sample_rate`` (the driving audio, frame 0 at
@@ -426,7 +427,9 @@ def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fp
     frames (``nets.features``) or their ``feature_stats`` (None skips FID). "last" covers the final
     ``tail_seconds`` (the whole video if it is shorter).  ``envelope(wav, sample_rate, fps, T)`` -> [T]: the
     audio loudness the mouth is correlated with (default: that of the nets' metric backend, ``nets.backend``).
-    ``seam_period``: video frames per streamed block (4 * block_frames); adds ``seam_feat`` (see the module)."""
+    ``seam_period``: video frames per streamed block (4 * block_frames); adds ``seam_feat`` (see the module).
+    ``curve_seconds``: adds ``csim_curve``, the mean CSIM of each consecutive ``curve_seconds`` of the video (the
+    last segment may be shorter): identity over time, for drift plots."""
     frames, reference = _check_video(frames, reference)
     T = len(frames)
     tail = min(T, max(2, int(round(tail_seconds * fps))))
@@ -449,7 +452,11 @@ def evaluate_video(frames, wav, reference, nets: MetricNets, real_feats=None, fp
             out[f"sync_dist_{part}"] = s["dist"]
     feats, adj_feat = nets.features_and_flicker(frames)
     ref_feat = nets.features(reference[None])[0]
-    both("csim", identity_similarity(ref_feat, feats))
+    csim = identity_similarity(ref_feat, feats)
+    both("csim", csim)
+    if curve_seconds:
+        step = max(1, int(round(curve_seconds * fps)))
+        out["csim_curve"] = [float(np.mean(csim[i:i + step])) for i in range(0, T, step)]
     both("delta_e", delta_e(frames, reference, crop))
     both("adj_feat", adj_feat, pairs=True)
     both("adj_pixel", adjacent_pixel_difference(frames), pairs=True)

@@ -16,9 +16,10 @@ held-out identities gives the effect (> 0 = the claimed winner is better) and it
 (CI above 0), does not hold (CI below 0) or inconclusive (CI contains 0).  The bench, the cache and the metric nets
 are those of scripts/world_controls.py (same --run: the clean arm is computed once for both).
 
-With --grid-run (a world run whose pipeline trained Table 3's cells, world.grid=[2x2,1x4]) the matched-L·N
+With --grid-run (a world run whose pipeline trained Table 3's cells, world.grid=[2x2,1x4,2x1,1x2]) the matched-L·N
 claims are also judged with every cell trained for its own schedule (grid_claims), as the paper trains them: each
-cell against the run's own main student (RUN/dmd, B_{4,1}), so every model compared comes from one teacher.
+L·N = 4 cell against the run's own main student (RUN/dmd, B_{4,1}), B_{2,1} against B_{1,2}, so every model compared
+comes from one teacher.
 
 With --dmd-window (the world pipeline's RUN/dmd_window/export/model.pt: the same DMD stage with the loss on every
 block of the chosen window, dmd.grad_blocks=window) one more claim compares the two trained students: that DMD
@@ -82,36 +83,38 @@ WINDOW_CLAIM = ("DMD gradient on every window block beats the emitted block only
 
 
 def grid_claims(grid_run) -> tuple[dict[str, Arm], tuple]:
-    """Table 3 with each cell trained (the world pipeline's world.grid: RUN/dmd_LxN/export/model.pt).  Every cell is
-    compared with the run's own main student (RUN/dmd, B_{L,N} of the run's schedule: the shipped B_{4,1}'s recipe)
-    at the same L·N: all of them come from one teacher and one backfill, and each runs the schedule it was trained
-    for, with its EMA weights.  The larger window is the claimed winner."""
+    """Table 3 with each cell trained (the world pipeline's world.grid: RUN/dmd_LxN/export/model.pt).  A cell of the
+    run's own budget (L·N = its noise levels) is compared with the run's main student (RUN/dmd, B_{L,N} of the run's
+    schedule: the shipped B_{4,1}'s recipe); the cells of another budget (e.g. B_{2,1}, B_{1,2}, trained on their own
+    evenly spaced levels) with each other.  All come from one teacher, and each runs the schedule it was trained for,
+    with its EMA weights.  The larger window is the claimed winner."""
     from omegaconf import OmegaConf
     run = RunLayout(grid_run)
     if not run.export("dmd").is_file() or not (run.stage_dir("dmd") / "config.yaml").is_file():
         raise AvatarForcingError(f"--grid-run {grid_run} has no main DMD student (dmd/export/model.pt); the trained "
                                  "cells are compared with the B_{4,1} of their own run: run its pipeline's dmd stage")
     sched = WindowSchedule.from_config(OmegaConf.load(run.stage_dir("dmd") / "config.yaml").schedule)
-    main_cell = (sched.L, sched.N)
+    main_cell, levels = (sched.L, sched.N), len(sched.timesteps)
     main = f"{grid_name(*main_cell)} trained"
-    arms, claims = {main: Arm.trained(main, run.export("dmd"), cell_overrides(*main_cell))}, []
+    arms = {main: Arm.trained(main, run.export("dmd"), cell_overrides(*main_cell))}
+    cells = {main_cell: main}
     for path in sorted(run.dir.glob("dmd_*x*/export/model.pt")):
         cell = GRID_CELL.match(path.parent.parent.name[len("dmd_"):])
-        if cell is None:
+        if cell is None or (int(cell[1]), int(cell[2])) == main_cell:
             continue
         L, N = int(cell[1]), int(cell[2])
-        if (L, N) == main_cell or L * N != main_cell[0] * main_cell[1]:
-            continue
-        name = f"{grid_name(L, N)} trained"
-        arms[name] = Arm.trained(name, path, cell_overrides(L, N))
-        big, small = (main, name) if main_cell[0] > L else (name, main)
-        claims.append((f"Look-ahead beats passes at matched L·N = {L * N}, each cell trained: "
-                       f"{big.removesuffix(' trained')} beats {small.removesuffix(' trained')}", big, small,
-                       "adj_feat_last", STABLE))
+        cells[(L, N)] = name = f"{grid_name(L, N)} trained"
+        arms[name] = Arm.trained(name, path, cell_overrides(L, N, levels))
+    claims = [(f"Look-ahead beats passes at matched L·N = {L * N}, each cell trained: "
+               f"{big.removesuffix(' trained')} beats {small.removesuffix(' trained')}", big, small,
+               "adj_feat_last", STABLE)
+              for (L, N), big in cells.items() for (l, n), small in cells.items()
+              if L * N == l * n and L > l and (L * N != levels or main in (big, small))]
     if not claims:
-        raise AvatarForcingError(f"--grid-run {grid_run} has no trained Table 3 cell (dmd_LxN/export/model.pt); "
-                                 "train them with the world pipeline (world.grid=[2x2,1x4]) or leave --grid-run out")
-    return arms, tuple(claims)
+        raise AvatarForcingError(f"--grid-run {grid_run} has no trained Table 3 cell to compare (dmd_LxN/export/"
+                                 "model.pt); train them with the world pipeline (world.grid=[2x2,1x4] or [2x1,1x2]) "
+                                 "or leave --grid-run out")
+    return {n: a for n, a in arms.items() if any(n in c[1:3] for c in claims)}, tuple(claims)
 
 
 def claim_arms(checkpoint) -> dict[str, Arm]:

@@ -15,8 +15,8 @@ real videos change over minutes too (light, zoom, head turns), and that change i
 cases with its 95 % bootstrap CI (avatarforcing/stats.py) is the drift; it exceeds the noise floor when the CI lies
 above 0.  Judged on CSIM (identity against the reference), chosen before the run; the other metrics are reported.
 
-Writes --out/drift.json (one entry per arm: arm, metric, drift, ci_low, ci_high, drifts, n_cases, all_metrics) and
-drift.md; the per-case rollouts are cached like scripts/world_controls.py's (same --run shares them).
+Writes --out/drift.json (one entry per arm: arm, metric, drift, ci_low, ci_high, drifts, n_cases, all_metrics,
+csim_curve: the mean CSIM per 10 s), drift.md and drift_curve.png (CSIM against time, every arm and the real video); the per-case rollouts are cached like scripts/world_controls.py's (same --run shares them).
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import NO_STYLE_ANCHOR as ABLATION_NO_STYLE_ANCHOR, write_csv, write_json  # noqa: E402
 from avatarforcing.stats import bootstrap_mean_ci, higher_is_better, verdict  # noqa: E402
 from avatarforcing.world.bench import Arm, open_bench, per_case_rows  # noqa: E402
-from avatarforcing.world.evaluate import evaluate_variant, real_feature_stats  # noqa: E402
+from avatarforcing.world.evaluate import CURVE_SECONDS, evaluate_variant, real_feature_stats  # noqa: E402
 from avatarforcing.world.pipeline import CAUSAL  # noqa: E402
 from world_controls import cli, describe  # noqa: E402
 
@@ -73,8 +74,42 @@ def drift_entry(name: str, rows: dict, real: dict, resamples: int) -> dict:
                          "per_case": d}
     main = per_metric[METRIC]
     out.update(drift=main["drift"], ci_low=main["ci_low"], ci_high=main["ci_high"], drifts=main["ci_low"] > 0,
-               n_cases=len(real), all_metrics=per_metric)
+               n_cases=len(real), all_metrics=per_metric, csim_curve=mean_curve(rows, real))
     return out
+
+
+def mean_curve(rows: dict, cases) -> list[float] | None:
+    """The mean over ``cases`` of their ``csim_curve`` (CSIM per CURVE_SECONDS), or None if a case has none
+    (a result cached before the curve was recorded)."""
+    curves = [rows[c].get("csim_curve") for c in sorted(cases)]
+    if any(not c for c in curves) or len({len(c) for c in curves}) != 1:
+        return None
+    return [float(v) for v in np.mean(np.asarray(curves, dtype=np.float64), axis=0)]
+
+
+def plot_curves(entries: list[dict], real_curve: list[float] | None, path: Path) -> Path | None:
+    """drift_curve.png: each arm's mean CSIM per CURVE_SECONDS against time, with the real video's."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (matplotlib not installed: no drift_curve.png; pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve, style in ([(e["arm"], e["csim_curve"], "-") for e in entries]
+                               + [("real video", real_curve, "k--")]):
+        if curve:
+            t = (np.arange(len(curve)) + 0.5) * CURVE_SECONDS
+            ax.plot(t, curve, style, label=name, marker=".")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel(f"CSIM to the reference (mean per {CURVE_SECONDS:g} s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
@@ -104,6 +139,7 @@ def _main(args) -> int:
     about = describe(bench, args.resamples)
     out = Path(args.out)
     write_json(out / "drift.json", entries)
+    plot_curves(entries, mean_curve(real, real), out / "drift_curve.png")
     write_csv(out / "drift_per_case.csv", per_case_rows(dict(results, real=real), bench.cases))
     (out / "drift.md").write_text(markdown(entries, about, time.perf_counter() - t0) + "\n")
     for e in entries:

@@ -91,6 +91,20 @@ def test_other_identity_lowers_csim(nets, clip):
     assert same["csim_total"] > 0.9 and diff["csim_total"] < same["csim_total"] - 0.2
 
 
+def test_csim_curve_follows_identity_over_time(nets, clip):
+    """csim_curve: the mean CSIM per segment; a video that becomes another person halfway falls in its later
+    segments only, and the segments (weighted by their frames) average to csim_total."""
+    other = generate_clip(seed=12, seconds=2.0, size=64)
+    swapped = np.concatenate([clip.frames[:50], other.frames[:50]])
+    m = evaluate_video(swapped, None, clip.frames[0], nets, curve_seconds=0.4)    # 10 frames per segment
+    curve = m["csim_curve"]
+    assert len(curve) == 10 and min(curve[:5]) > max(curve[5:]) + 0.2
+    assert np.mean(curve) == pytest.approx(m["csim_total"], abs=1e-6)
+    odd = evaluate_video(swapped[:95], None, clip.frames[0], nets, curve_seconds=0.4)["csim_curve"]
+    assert len(odd) == 10                                               # the last segment holds the 5 left over
+    assert "csim_curve" not in evaluate_video(clip.frames, None, clip.frames[0], nets)
+
+
 def test_fid_lower_for_same_distribution(nets, clip):
     real = nets.features(clip.frames)
     motion = sample_motion(100, seed=99, envelope=synth_speech(4.0, seed=99).envelope)

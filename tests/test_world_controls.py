@@ -232,6 +232,16 @@ def test_scripts_write_controls_and_claims(tmp_path):
     assert last["other_overrides"] == ("schedule.window_blocks=2 schedule.passes=2 inference.use_ema=true "
                                        f"weights={grid}/dmd_2x2/export/model.pt")
     assert last["video_change"] > 0                                     # another schedule: another video
+    # a pair of another budget (B_{2,1}, B_{1,2}: L·N = 2) is compared within itself, on its own 2 evenly spaced levels
+    _run_export(grid / "dmd_2x1" / "export" / "model.pt")
+    _run_export(grid / "dmd_1x2" / "export" / "model.pt")
+    assert claims_script.main(args + ["--grid-run", str(grid)]) == 0
+    claims = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert [c["claim"].split(": ")[-1] for c in claims if "each cell trained" in c["claim"]] == [
+        "B_{4,1} beats B_{2,2}", "B_{2,1} beats B_{1,2}"]
+    assert claims[-1]["other_overrides"] == ("schedule.window_blocks=1 schedule.passes=2 schedule.steps=null "
+                                             f"schedule.warp=true inference.use_ema=true weights={grid}/dmd_1x2/export/"
+                                             "model.pt")
 
 
 def test_drift_is_the_models_loss_beyond_the_real_videos():
@@ -264,4 +274,6 @@ def test_drift_script_runs_a_trained_baseline_arm(tmp_path):
     assert all("inference.use_ema=true" in a.overrides for a in arms if a.checkpoint)     # the baseline's EMA
     for e in entries:
         assert e["n_cases"] == 2 and e["ci_low"] <= e["drift"] <= e["ci_high"] and e["drifts"] == (e["ci_low"] > 0)
+        assert len(e["csim_curve"]) == 1 and -1 <= e["csim_curve"][0] <= 1     # 1.5 s: one 10-s segment
+    assert (tmp_path / "out" / "drift_curve.png").stat().st_size > 0
     assert _script("world_drift").main(args[:-1] + [str(tmp_path / "missing.pt")]) == 1

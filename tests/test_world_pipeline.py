@@ -5,7 +5,8 @@ import pytest
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.config import load_config
-from avatarforcing.world.pipeline import BASELINE_STAGES, COMPARISON_STAGES, STAGES, grid_cells, run_pipeline
+from avatarforcing.world.pipeline import (BASELINE_STAGES, COMPARISON_STAGES, STAGES, grid_cells, grid_stages,
+                                          run_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +20,11 @@ def fast_run(tmp_path_factory):
 
 def test_every_stage_runs_and_exports(fast_run):
     run, cfg, state, messages = fast_run
-    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + ("ode_2x2", "dmd_2x2")     # fast.yaml: world.grid=[2x2]
+    grid = ("ode_2x2", "dmd_2x2", "backfill_ln2", "ode_1x2", "dmd_1x2")         # fast.yaml: world.grid=[2x2, 1x2]
+    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + grid
     assert [s for s in every if state.get(s, {}).get("done")] == list(every)
-    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing", "dmd_window", "ode_2x2", "dmd_2x2"):
+    for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing", "dmd_window", "ode_2x2", "dmd_2x2",
+                  "ode_1x2", "dmd_1x2"):
         assert (run / stage / "export" / "model.pt").is_file()
     assert (run / "codec.pt").is_file() and (run / "metric_nets.pt").is_file()
     assert json.loads((run / "state.json").read_text())["dmd"]["done"] is True
@@ -31,6 +34,17 @@ def test_every_stage_runs_and_exports(fast_run):
     assert (cell.schedule.window_blocks, cell.schedule.passes, cell.dmd.generator) == (
         2, 2, str(run / "ode_2x2" / "export" / "model.pt"))
     assert OmegaConf.load(run / "ode_2x2" / "config.yaml").schedule.passes == 2
+    assert cell.data.ode == str(run / "ode")                                  # L*N = 4: the world's levels
+    # B_{1,2}: another budget, so 2 evenly spaced levels from its own backfill (run/ode_ln2), as the inference-only
+    # Table 3 cell B_{1,2} runs
+    for stage in ("ode_1x2", "dmd_1x2"):
+        c = OmegaConf.load(run / stage / "config.yaml")
+        assert (c.schedule.window_blocks, c.schedule.passes, c.schedule.steps, c.schedule.warp, c.data.ode) == (
+            1, 2, None, True, str(run / "ode_ln2"))
+    from avatarforcing.schedule import WindowSchedule
+    from avatarforcing.train.data import list_samples, read_sample
+    stored = read_sample(list_samples(run / "ode_ln2")[0], ["timesteps"])["timesteps"].tolist()
+    assert len(stored) == 2 and stored == pytest.approx(WindowSchedule.from_config(c.schedule).timesteps, abs=1e-4)
     grad_blocks = {s: OmegaConf.load(run / s / "config.yaml").dmd.grad_blocks for s in ("dmd", "dmd_window")}
     assert grad_blocks == {"dmd": "emitted", "dmd_window": "window"}
 
@@ -71,9 +85,12 @@ def test_world_v2_runs_every_stage(tmp_path):
 def test_grid_cells_are_checked_before_training():
     cfg = load_config("configs/world/fast.yaml", ["world.grid=[4x1,2x2,1x4]"])
     assert grid_cells(cfg) == [(4, 1), (2, 2), (1, 4)]
-    for bad in ("[2x1]", "[2by2]", "[3x3]"):
-        with pytest.raises(AvatarForcingError, match=r"world.grid cell .*: write LxN with L\*N = 4 .*world.grid=\[2x2,1x4\]"):
+    for bad in ("[2by2]", "[1x0]", "[2x]"):
+        with pytest.raises(AvatarForcingError, match=r"world.grid cell .*: write LxN with L, N >= 1, .*world.grid=\[2x2,1x4\]"):
             grid_cells(load_config("configs/world/fast.yaml", [f"world.grid={bad}"]))
+    # a cell of another budget than the world's 4 levels gets its own backfill, once per budget, before its first cell
+    assert grid_stages([(2, 2), (2, 1), (1, 2), (1, 4)], 4) == (
+        "ode_2x2", "dmd_2x2", "backfill_ln2", "ode_2x1", "dmd_2x1", "ode_1x2", "dmd_1x2", "ode_1x4", "dmd_1x4")
 
 
 def test_codec_from_copies_a_trained_codec(fast_run, tmp_path):

@@ -57,6 +57,7 @@ from .speech import FPS, SAMPLE_RATE
 TRAIN_WORLD_SEED = 0              # world seed of every training stage (clip_seed(0, i))
 HELD_OUT_WORLD_SEED = 10_000      # world seed of the evaluation clips
 CODEC_HELD_OUT_WORLD_SEED = 1_000_003   # world/codec.py's held-out PSNR clips (seed 1_000_003 + s)
+CURVE_SECONDS = 10.0              # evaluate_variant's csim_curve: mean CSIM per 10 s (identity over time)
 
 # ----------------------------------------------------------------------------------------------
 # held-out cases
@@ -161,16 +162,18 @@ def real_feature_stats(cases: Sequence[Case], nets):
 
 
 def evaluate_variant(frames: np.ndarray, case: Case, nets, real_feats, tail_seconds: float = 10.0,
-                     latency: float | None = None, seam_period: int | None = None) -> dict:
+                     latency: float | None = None, seam_period: int | None = None,
+                     curve_seconds: float | None = CURVE_SECONDS) -> dict:
     """evaluate_video on one rollout (driving audio = the case's) + ``latency_s_per_frame``.  Lip sync is measured
     against the case's ``mouth_truth`` where it has one (world v2), else against the speech loudness.
-    ``seam_period`` (video frames per streamed block) adds ``seam_feat``."""
+    ``seam_period`` (video frames per streamed block) adds ``seam_feat``; ``curve_seconds`` adds ``csim_curve`` (CSIM
+    per segment of that length: identity over time)."""
     from ..metrics import evaluate_video
 
     truth = getattr(case, "mouth_truth", None)
     envelope = None if truth is None else partial(_truth_envelope, truth)
     out = evaluate_video(frames, case.wav, case.reference, nets, real_feats, fps=FPS, tail_seconds=tail_seconds,
-                         envelope=envelope, seam_period=seam_period)
+                         envelope=envelope, seam_period=seam_period, curve_seconds=curve_seconds)
     out["latency_s_per_frame"] = float("nan") if latency is None else float(latency)
     return out
 

@@ -6,6 +6,7 @@
     RUN/codec.pt                        the light codec (stage codec; vae.path)
     RUN/shards/                         preprocessed training samples (stage shards; data.shards)
     RUN/ode/, RUN/ode_causal/           ODE pairs of the teacher's backfill, windowed / causal (data.ode)
+    RUN/ode_ln<k>/                      ... at k evenly spaced levels, for Table 3 cells of budget L*N = k
     RUN/<stage dir>/export/model.pt     a trained stage's export (teacher, ode_student, dmd, causal_ode, self_forcing,
                                         dmd_window)
     RUN/metric_nets.pt                  the metric networks (stage metric_nets)
@@ -39,6 +40,10 @@ class RunLayout:
         self.ode_causal_store = d / "ode_causal"     # ... for the causal baselines
         self.metric_nets = d / "metric_nets.pt"
         self.eval_dir = d / "eval"
+
+    def levels_store(self, k: int) -> Path:
+        """ODE backfill at k evenly spaced levels (Table 3 cells of budget L*N = k other than the world's)."""
+        return self.dir / f"ode_ln{int(k)}"
 
     def stage_dir(self, stage: str) -> Path:
         """A training stage's output folder (``train.output_dir``), by folder name (e.g. ``ode_student``)."""

@@ -3,7 +3,7 @@
     data -> codec -> shards -> teacher -> backfill -> ode -> dmd -> metric_nets -> evaluate [-> ship]
     [world.baselines: causal_backfill -> causal_ode -> self_forcing (Table 6's one-step causal baselines)]
     [world.dmd_window: dmd_window (DMD with dmd.grad_blocks=window, to compare with the emitted-block default)]
-    [world.grid: ode_LxN -> dmd_LxN per Table 3 cell B_{L,N}, each trained with its own ODE + DMD]
+    [world.grid: [backfill_ln<L*N> ->] ode_LxN -> dmd_LxN per Table 3 cell B_{L,N}, each trained with its own ODE + DMD]
 
 Every stage calls the same package code a user runs on real data (``scripts/preprocess.py``,
 ``train_teacher.py``, ``scripts/ode_backfill.py``, ``train_ode.py``, ``train_dmd.py``); only the config
@@ -40,10 +40,14 @@ CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
 # Optional (world.dmd_window=true): the same DMD stage with the loss on every block of the chosen window
 # (dmd.grad_blocks=window) instead of the emitted block only, from the same teacher and ODE student.
 COMPARISON_STAGES = ("dmd_window",)
-# Optional (world.grid, e.g. [2x2, 1x4]): Table 3's cells B_{L,N} trained with their own ODE regression and DMD on
-# their own window schedule (schedule.window_blocks=L, schedule.passes=N) over the world's L*N noise levels, so the
-# main backfill serves them all and a matched-L*N comparison differs only in how the levels are spent.
+# Optional (world.grid, e.g. [2x2, 1x4, 2x1, 1x2]): Table 3's cells B_{L,N} trained with their own ODE regression and
+# DMD on their own window schedule (schedule.window_blocks=L, schedule.passes=N).  A cell whose L*N equals the
+# world's number of noise levels uses those levels, so the main backfill serves it and a matched-L*N comparison with
+# the main student differs only in how the levels are spent.  A cell of another budget k = L*N runs k evenly spaced
+# (shift-warped) levels, as the inference-only Table 3 cells do, from its own backfill (stage backfill_ln<k>,
+# RUN/ode_ln<k>, shared by every cell of that budget).
 GRID_CELL = re.compile(r"^(\d+)x(\d+)$")
+GRID_BACKFILL = re.compile(r"^backfill_ln(\d+)$")
 DEMO_DIR = REPO_ROOT / "assets" / "demo"
 
 
@@ -153,38 +157,55 @@ def stage_dmd_window(run: Run) -> dict:
 
 
 def grid_cells(cfg: DictConfig) -> list[tuple[int, int]]:
-    """world.grid ("LxN" strings) -> [(L, N)], checked against the world's noise levels before any training."""
-    levels = len(cfg.schedule.steps or [])
+    """world.grid ("LxN" strings) -> [(L, N)], checked before any training."""
     cells = []
     for cell in cfg.world.grid:
         m = GRID_CELL.match(str(cell))
-        if not m or int(m[1]) < 1 or int(m[2]) < 1 or int(m[1]) * int(m[2]) != levels:
-            raise AvatarForcingError(f"world.grid cell '{cell}': write LxN with L*N = {levels} (the world's "
-                                     f"schedule.steps levels), e.g. world.grid=[2x2,1x4]")
+        if not m or int(m[1]) < 1 or int(m[2]) < 1:
+            raise AvatarForcingError(f"world.grid cell '{cell}': write LxN with L, N >= 1, e.g. world.grid=[2x2,1x4]")
         cells.append((int(m[1]), int(m[2])))
     return cells
 
 
-def grid_stages(cells) -> tuple[str, ...]:
-    return tuple(f"{kind}_{L}x{N}" for L, N in cells for kind in ("ode", "dmd"))
+def grid_stages(cells, levels: int) -> tuple[str, ...]:
+    """The grid's stages in order: per cell ode_LxN, dmd_LxN, preceded by backfill_ln<k> for the first cell of a budget
+    k = L*N other than the world's ``levels``."""
+    stages: list[str] = []
+    for L, N in cells:
+        if L * N != levels and f"backfill_ln{L * N}" not in stages:
+            stages.append(f"backfill_ln{L * N}")
+        stages += [f"ode_{L}x{N}", f"dmd_{L}x{N}"]
+    return tuple(stages)
 
 
-def cell_overrides(L: int, N: int) -> tuple[str, ...]:
-    return (f"schedule.window_blocks={L}", f"schedule.passes={N}")
+def cell_overrides(L: int, N: int, levels: int | None = None) -> tuple[str, ...]:
+    """The schedule of cell B_{L,N}; with ``levels`` (the world's number of noise levels) other than L*N, the cell's
+    own L*N evenly spaced, shift-warped levels."""
+    own = () if levels is None or L * N == levels else ("schedule.steps=null", "schedule.warp=true")
+    return (f"schedule.window_blocks={L}", f"schedule.passes={N}", *own)
 
 
 def stage_grid(run: Run, name: str) -> dict:
-    """ode_LxN: ODE regression of cell B_{L,N} from the teacher; dmd_LxN: DMD from that ODE student."""
+    """backfill_ln<k>: the teacher's ODE pairs at k evenly spaced levels; ode_LxN: ODE regression of cell B_{L,N} from
+    the teacher; dmd_LxN: DMD from that ODE student."""
     from ..train.dmd import DMDStage
-    from ..train.ode import ODEStage
+    from ..train.ode import ODEStage, backfill
+    levels = len(run.cfg.schedule.steps or [])
+    if m := GRID_BACKFILL.match(name):
+        k = int(m[1])
+        cfg = run.stage_cfg("backfill_overrides", [f"ode.teacher={run.export('teacher')}", "ode.teacher_ema=true",
+                                                   *cell_overrides(k, 1, levels), f"data.ode={run.levels_store(k)}"])
+        return {k: v for k, v in backfill(cfg, progress=True).items() if isinstance(v, (int, float, str, list))}
     kind, cell = name.split("_", 1)
     L, N = (int(v) for v in GRID_CELL.match(cell).groups())
+    schedule = cell_overrides(L, N, levels)
+    store = [f"data.ode={run.levels_store(L * N)}"] if L * N != levels else []
     if kind == "ode":
         return _train(run, ODEStage, name, "ode_overrides", [f"train.init={run.export('teacher')}",
-                                                             "train.init_ema=true", *cell_overrides(L, N)])
+                                                             "train.init_ema=true", *schedule, *store])
     return _train(run, DMDStage, name, "dmd_overrides", [
         f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true", f"dmd.generator={run.export('ode_' + cell)}",
-        "dmd.generator_ema=true", *cell_overrides(L, N)])
+        "dmd.generator_ema=true", *schedule, *store])
 
 
 def stage_metric_nets(run: Run) -> dict:
@@ -289,7 +310,7 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     torch.set_flush_denormal(True)
     run = Run(cfg)
     OmegaConf.save(cfg, run.config_path)
-    grid = grid_stages(grid_cells(cfg))
+    grid = grid_stages(grid_cells(cfg), len(cfg.schedule.steps or []))
     every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + grid
     order = (STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
              + (COMPARISON_STAGES if cfg.world.dmd_window else ()) + grid)
