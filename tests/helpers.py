@@ -1,6 +1,10 @@
 """Small shared builders for tests."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from omegaconf import OmegaConf
 
@@ -31,3 +35,12 @@ def schedule_cfg(**kw):
                 window_blocks=None, passes=1)
     base.update(kw)
     return OmegaConf.create(base)
+
+
+def load_script(name: str, module_name: str | None = None):
+    """scripts/<name>.py as a module (registered in sys.modules, so its dataclasses resolve), to call its main()."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name or name, path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -23,9 +23,9 @@ from avatarforcing.evaluation.runner import check_metrics, match
 from avatarforcing.evaluation.weights import WEIGHT_FILES, WeightsFolder
 from avatarforcing.media import VideoWriter, write_wav
 from avatarforcing.metrics import feature_stats, frechet_distance
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-EVALUATE = ROOT / "scripts" / "evaluate.py"
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="the ArcFace / SCRFD stand-ins need onnx + onnxruntime "
                                                       "(pip install -e '.[eval]' onnx)")
@@ -55,10 +55,7 @@ def _write_video(path: Path, frames: np.ndarray, audio: Path | None = None) -> P
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("evaluate", "evaluate_cli").main
 
 
 @pytest.fixture
