@@ -25,7 +25,6 @@ from avatarforcing.media import VideoWriter, write_wav
 from avatarforcing.metrics import feature_stats, frechet_distance
 from helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="the ArcFace / SCRFD stand-ins need onnx + onnxruntime "
                                                       "(pip install -e '.[eval]' onnx)")
