@@ -1,22 +1,30 @@
 """Scale-out on Ray Serve, on CPU: 2 replicas of the live server, 4 concurrent clients."""
-import importlib.util
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
 from avatarforcing.live.launch import running_server
+from helpers import load_script
 from live_server import example_wav
 
-ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("ray.serve", reason='Ray Serve is an optional extra: pip install -e ".[ray]"')
 
 
 def _live_client():
-    spec = importlib.util.spec_from_file_location("live_client", ROOT / "scripts" / "live_client.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("live_client")
+
+
+def test_proxy_checks_are_relaxed_unless_set(monkeypatch):
+    """Serve's proxy gets PROXY_CHECK_TIMEOUT_S for its ready / health checks (5 / 10 s by default kill it on a busy
+    CPU machine before it serves); a limit the user set is kept."""
+    from avatarforcing.live import ray_deployment
+    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+    monkeypatch.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "7")
+    ray_deployment.relax_proxy_checks()
+    assert os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == str(ray_deployment.PROXY_CHECK_TIMEOUT_S)
+    assert os.environ["RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"] == "7"
 
 
 def test_two_replicas_serve_four_concurrent_clients(tmp_path):

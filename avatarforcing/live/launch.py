@@ -30,6 +30,13 @@ def info(url: str) -> dict:
         return json.load(r)
 
 
+def _tail(log, chars: int = 2000) -> str:
+    """The last ``chars`` characters of the server's output file."""
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-chars:]
+
+
 @contextlib.contextmanager
 def running_server(*args: str, timeout: float = 90.0):
     """``python serve.py --port <free> *args`` -> yields its http URL; stopped on exit."""
@@ -42,13 +49,13 @@ def running_server(*args: str, timeout: float = 90.0):
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{log.read().decode()[-2000:]}")
+                    raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{_tail(log)}")
                 with contextlib.suppress(OSError):
                     info(url)
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"serve.py did not answer on {url} within {timeout:g} s")
+                    raise RuntimeError(f"serve.py did not answer on {url} within {timeout:g} s; its output:\n"
+                                       f"{_tail(log)}")
                 time.sleep(0.2)
             yield url
         finally:

@@ -15,11 +15,14 @@ Needs the ``ray`` extra: ``pip install -e ".[ray]"``.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 from .. import AvatarForcingError
 from .settings import Settings
+
+PROXY_CHECK_TIMEOUT_S = 60          # Serve's proxy ready / health-check limit for a local instance (run())
 
 
 def build_deployment(config, checkpoint=None, overrides=(), settings: Settings | None = None, replicas: int = 1,
@@ -53,10 +56,19 @@ def build_deployment(config, checkpoint=None, overrides=(), settings: Settings |
                             max_ongoing_requests=settings.max_sessions)(serve.ingress(build_app)())
 
 
+def relax_proxy_checks() -> None:
+    """Serve's proxy must pass its ready and health checks within 5 and 10 s by default; on a busy CPU machine (the
+    replicas loading their models on the same cores) it fails three in a row and is killed before it ever serves.
+    A local Ray instance inherits these limits from this process; a value already set (yours) is kept."""
+    for key in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(key, str(PROXY_CHECK_TIMEOUT_S))
+
+
 def run(deployment, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True) -> None:
     """Start Ray (a local instance unless ``RAY_ADDRESS`` names a cluster), Serve's proxy on host:port, and the
     deployment at ``/``; with ``blocking`` serve until interrupted (Ctrl-C or SIGTERM), then shut Serve and the
     local Ray instance down, replicas included."""
+    relax_proxy_checks()
     import ray
     from ray import serve
 
