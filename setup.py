@@ -10,7 +10,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ("configs/**/*.yaml", "assets/example.png", "assets/example.wav", "assets/demo/*", "assets/world_v2/*")
+SHIPPED = ("configs/**/*.yaml", "assets/example.png", "assets/example.wav", "assets/demo/*", "assets/world_v2/*",
+           "assets/world_anchor/*")
 
 
 def shipped_files() -> list[Path]:

@@ -63,6 +63,7 @@ def compare(pipe32: AvatarPipeline, blocks: int, repo_root):
     # the anchor world's student: no reference channels (in_dim 16); also with the reference seeding the cache
     ("configs/world/v2_anchor_student.yaml", []),
     ("configs/world/v2_anchor_student.yaml", ["cache.style_anchor=false", "cache.reference_in_temporal=true"]),
+    ("configs/world/anchor_student.yaml", []),          # world v1's attention-only student
 ])
 def test_demo_pipeline_bf16_matches_fp32(repo_root, config, overrides):
     pipe = AvatarPipeline.from_config(load_config(repo_root / config, ["inference.dtype=fp32", *overrides]))

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from avatarforcing.config import load_config
 from avatarforcing.media import load_audio, probe_video, read_video
@@ -40,36 +41,43 @@ def test_inference_without_arguments_makes_the_demo_video(tmp_path):
     assert np.abs(np.diff(mouth, axis=0)).mean() > 0.5
 
 
-def _v2_video(tmp_path, config, *overrides):
-    v2 = ROOT / "assets" / "world_v2"
-    out = tmp_path / f"v2_{len(list(tmp_path.iterdir()))}.mp4"
+EXAMPLES = {"v1": (ROOT / "assets" / "example.png", ROOT / "assets" / "example.wav"),
+            "v2": (ROOT / "assets" / "world_v2" / "example.png", ROOT / "assets" / "world_v2" / "example.wav")}
+
+
+def _world_video(tmp_path, config, world, *overrides):
+    """inference.py with ``config`` on world ``world``'s example inputs -> frames [T, 64, 64, 3]."""
+    image, audio = EXAMPLES[world]
+    out = tmp_path / f"{world}_{len(list(tmp_path.iterdir()))}.mp4"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--config", config,
-                           "--image", str(v2 / "example.png"), "--audio", str(v2 / "example.wav"),
+                           "--image", str(image), "--audio", str(audio),
                            "inference.output=" + str(out), *overrides],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     frames, _ = read_video(out)
-    assert frames.shape[1:] == (64, 64, 3) and len(frames) >= 25 * len(load_audio(v2 / "example.wav")) / 16000
+    assert frames.shape[1:] == (64, 64, 3) and len(frames) >= 25 * len(load_audio(audio)) / 16000
     return frames
 
 
 def test_world_v2_student_makes_a_video(tmp_path):
     """World v2's shipped student (configs/world/v2_student.yaml) on its example inputs, through inference.py."""
-    frames = _v2_video(tmp_path, "configs/world/v2_student.yaml")
+    frames = _world_video(tmp_path, "configs/world/v2_student.yaml", "v2")
     assert frames.std(axis=0).mean() < 40                 # a face, not noise
 
 
-def test_world_v2_anchor_student_takes_identity_from_its_anchor(tmp_path):
-    """The anchor world's shipped student (in_dim 16: no reference channels) makes a face from its example.  Without
-    the style anchor it never sees the reference and the face changes from the first block; with the reference as
-    the first frame of its temporal cache instead, the first block is the anchored one, and then the face drifts
-    (results/world_v2_anchor/: the style-anchor claim and the drift bench)."""
-    frames = _v2_video(tmp_path, "configs/world/v2_anchor_student.yaml")
+@pytest.mark.parametrize("config,world", [("configs/world/v2_anchor_student.yaml", "v2"),
+                                          ("configs/world/anchor_student.yaml", "v1")])
+def test_attention_only_student_takes_identity_from_its_anchor(tmp_path, config, world):
+    """The shipped students with no reference channels (in_dim 16: the anchor world's, and world v1's in
+    configs/world/anchor_student.yaml) make a face from their example.  Without the style anchor the student never
+    sees the reference and the face changes from the first block; with the reference as the first frame of its
+    temporal cache instead, the first block is the anchored one, and then the face drifts (results/world_v2_anchor/,
+    results/world_anchor/: the style-anchor claim)."""
+    frames = _world_video(tmp_path, config, world)
     assert frames.std(axis=0).mean() < 40
-    blind = _v2_video(tmp_path, "configs/world/v2_anchor_student.yaml", "cache.style_anchor=false")
-    seeded = _v2_video(tmp_path, "configs/world/v2_anchor_student.yaml", "cache.style_anchor=false",
-                       "cache.reference_in_temporal=true")
+    blind = _world_video(tmp_path, config, world, "cache.style_anchor=false")
+    seeded = _world_video(tmp_path, config, world, "cache.style_anchor=false", "cache.reference_in_temporal=true")
     change = lambda a, s: np.abs(a[s].astype(np.float32) - frames[s]).mean()    # noqa: E731
     first, late = slice(1, 17), slice(-48, None)                       # block 0 (frame 0 is the image) / last 3
     assert change(blind, first) > 20 and change(blind, late) > 20
