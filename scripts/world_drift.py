@@ -1,13 +1,20 @@
 """Long-horizon drift: does a strictly causal rollout without anchors degrade from Total to Last, and the student not?
 
     python scripts/world_drift.py --config configs/world/v2_student.yaml --metric-nets runs/world_v2/metric_nets.pt
-        [--baseline runs/world_v2/self_forcing/export/model.pt] [--run runs/bench_v2] [--out results/world_v2]
-        [--cases 8] [--seconds 180] [--tail SECONDS] [--seed 0] [--resamples 10000]
+        [--baseline runs/world_v2/self_forcing/export/model.pt]
+        [--anchor-free-baseline runs/world_anchor/self_forcing_anchor_free/export/model.pt]
+        [--run runs/bench_v2] [--out results/world_v2]
+        [--cases 8] [--seconds 180] [--tail SECONDS] [--curve-seconds 10] [--case-seed 10000] [--seed 0]
+        [--resamples 10000]
 
 Arms (every one on the same --cases held-out identities of --seconds, same noise seed):
   * the shipped student (B_{4,1}, both anchors), and the same student without its anchors;
   * the trained one-step causal baseline (Self-Forcing 1-step, L = 1, the world pipeline's ``self_forcing`` stage,
-    --baseline), with and without anchors: "strictly causal, no anchors" is the failure the paper fixes.
+    --baseline), with and without anchors: "strictly causal, no anchors" is the failure the paper fixes;
+  * the causal baseline trained without anchors (--anchor-free-baseline, the pipeline's ``self_forcing_anchor_free``
+    stage, world.anchor_free_baselines=true), run as it was trained: the reference is its first temporal frame, and
+    from then on identity lives only in its own recent frames.  The baseline above was trained with the style anchor,
+    so without it at inference it runs outside its training; this one is a plain causal model.
 
 Drift of a metric on one case = how much worse its last --tail seconds are than the whole rollout
 (Total - Last in the metric's good direction, > 0 = worse late), minus the same on the case's real frames: world v2's
@@ -16,7 +23,7 @@ cases with its 95 % bootstrap CI (avatarforcing/stats.py) is the drift; it excee
 above 0.  Judged on CSIM (identity against the reference), chosen before the run; the other metrics are reported.
 
 Writes --out/drift.json (one entry per arm: arm, metric, drift, ci_low, ci_high, drifts, n_cases, all_metrics,
-csim_curve: the mean CSIM per 10 s), drift.md and drift_curve.png (CSIM against time, every arm and the real video); the per-case rollouts are cached like scripts/world_controls.py's (same --run shares them).
+csim_curve: the mean CSIM per --curve-seconds), drift.md and drift_curve.png (CSIM against time, every arm and the real video); the per-case rollouts are cached like scripts/world_controls.py's (same --run shares them).
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import NO_STYLE_ANCHOR as ABLATION_NO_STYLE_ANCHOR, write_csv, write_json  # noqa: E402
 from avatarforcing.stats import bootstrap_mean_ci, higher_is_better, verdict  # noqa: E402
 from avatarforcing.world.bench import Arm, open_bench, per_case_rows  # noqa: E402
-from avatarforcing.world.evaluate import CURVE_SECONDS, evaluate_variant, real_feature_stats  # noqa: E402
+from avatarforcing.world.evaluate import (CURVE_SECONDS, HELD_OUT_WORLD_SEED, evaluate_variant,  # noqa: E402
+                                          real_feature_stats)
 from avatarforcing.world.pipeline import CAUSAL  # noqa: E402
 from world_controls import cli, describe  # noqa: E402
 
@@ -44,13 +52,16 @@ METRICS = ("csim", "delta_e", "fid", "adj_feat", "sync_conf")
 # Without the style anchor the reference is the first frame of the temporal cache and leaves it with the budget:
 # identity then lives only in the generated history, as in a plain causal rollout (the failure the anchor fixes).
 NO_STYLE_ANCHOR = tuple(ABLATION_NO_STYLE_ANCHOR)
+ANCHOR_FREE = "causal L=1 trained without anchors"
 
 
-def drift_arms(baseline: str | None) -> list[Arm]:
+def drift_arms(baseline: str | None, anchor_free: str | None = None) -> list[Arm]:
     arms = [Arm("AvatarForcing (shipped)"), Arm("AvatarForcing w/o style anchor", NO_STYLE_ANCHOR)]
     if baseline:
         arms += [Arm.trained("causal L=1 (Self-Forcing 1-step)", baseline, CAUSAL),
                  Arm.trained("causal L=1 w/o style anchor", baseline, CAUSAL + NO_STYLE_ANCHOR)]
+    if anchor_free:
+        arms.append(Arm.trained(ANCHOR_FREE, anchor_free, CAUSAL + NO_STYLE_ANCHOR))
     return arms
 
 
@@ -79,7 +90,7 @@ def drift_entry(name: str, rows: dict, real: dict, resamples: int) -> dict:
 
 
 def mean_curve(rows: dict, cases) -> list[float] | None:
-    """The mean over ``cases`` of their ``csim_curve`` (CSIM per CURVE_SECONDS), or None if a case has none
+    """The mean over ``cases`` of their ``csim_curve`` (CSIM per --curve-seconds), or None if a case has none
     (a result cached before the curve was recorded)."""
     curves = [rows[c].get("csim_curve") for c in sorted(cases)]
     if any(not c for c in curves) or len({len(c) for c in curves}) != 1:
@@ -87,8 +98,9 @@ def mean_curve(rows: dict, cases) -> list[float] | None:
     return [float(v) for v in np.mean(np.asarray(curves, dtype=np.float64), axis=0)]
 
 
-def plot_curves(entries: list[dict], real_curve: list[float] | None, path: Path) -> Path | None:
-    """drift_curve.png: each arm's mean CSIM per CURVE_SECONDS against time, with the real video's."""
+def plot_curves(entries: list[dict], real_curve: list[float] | None, path: Path,
+                span: float = CURVE_SECONDS) -> Path | None:
+    """drift_curve.png: each arm's mean CSIM per ``span`` seconds against time, with the real video's."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -100,10 +112,10 @@ def plot_curves(entries: list[dict], real_curve: list[float] | None, path: Path)
     for name, curve, style in ([(e["arm"], e["csim_curve"], "-") for e in entries]
                                + [("real video", real_curve, "k--")]):
         if curve:
-            t = (np.arange(len(curve)) + 0.5) * CURVE_SECONDS
+            t = (np.arange(len(curve)) + 0.5) * span
             ax.plot(t, curve, style, label=name, marker=".")
     ax.set_xlabel("time (s)")
-    ax.set_ylabel(f"CSIM to the reference (mean per {CURVE_SECONDS:g} s)")
+    ax.set_ylabel(f"CSIM to the reference (mean per {span:g} s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -116,6 +128,12 @@ def main(argv=None) -> int:
     def extra(p):
         p.add_argument("--baseline", default=None,
                        help="the trained causal L=1 baseline (the world pipeline's RUN/self_forcing/export/model.pt)")
+        p.add_argument("--anchor-free-baseline", default=None,
+                       help="the causal L=1 baseline trained without anchors (RUN/self_forcing_anchor_free/export/model.pt)")
+        p.add_argument("--curve-seconds", type=float, default=CURVE_SECONDS,
+                       help="the span of each point of the CSIM curve (csim_curve, drift_curve.png)")
+        p.add_argument("--case-seed", type=int, default=HELD_OUT_WORLD_SEED,
+                       help="world seed of the held-out cases (another one gives other identities: a replication)")
         p.add_argument("--tail", type=float, default=None, help="'Last' seconds (default: a sixth of --seconds)")
     return cli(_main, __doc__, argv, extra)
 
@@ -125,21 +143,28 @@ def _main(args) -> int:
     if args.baseline and not Path(args.baseline).is_file():
         raise AvatarForcingError(f"--baseline {args.baseline} not found; train it with the world pipeline "
                                  "(world.baselines=true) or leave --baseline out")
+    if args.anchor_free_baseline and not Path(args.anchor_free_baseline).is_file():
+        raise AvatarForcingError(f"--anchor-free-baseline {args.anchor_free_baseline} not found; train it with the world "
+                                 "pipeline (world.anchor_free_baselines=true) or leave --anchor-free-baseline out")
     if args.cases < 2 or args.seconds <= 0:
         raise AvatarForcingError("--cases must be >= 2 (the statistics are paired over cases) and --seconds > 0")
+    if not 0 < args.curve_seconds <= args.seconds:
+        raise AvatarForcingError(f"--curve-seconds must be > 0 and at most --seconds ({args.seconds:g}); "
+                                 f"got {args.curve_seconds:g}")
     torch.set_num_threads(args.threads)
     bench = open_bench(args.config, args.checkpoint, args.run, args.cases, args.seconds, args.seed,
                        tail_seconds=float(args.tail or args.seconds / 6), metric_nets=args.metric_nets,
-                       threads=args.threads)
-    results = bench.evaluate(drift_arms(args.baseline))
+                       threads=args.threads, curve_seconds=args.curve_seconds, case_seed=args.case_seed)
+    results = bench.evaluate(drift_arms(args.baseline, args.anchor_free_baseline))
     real_feats = real_feature_stats(bench.cases, bench.nets)
-    real = {c.index: evaluate_variant(c.real_frames, c, bench.nets, real_feats, bench.settings["tail_seconds"])
-            for c in bench.cases}
-    entries = [drift_entry(name, rows, real, args.resamples) for name, rows in results.items()]
+    real = {c.index: evaluate_variant(c.real_frames, c, bench.nets, real_feats, bench.settings["tail_seconds"],
+                                      curve_seconds=bench.curve_seconds) for c in bench.cases}
+    entries = [{**drift_entry(name, rows, real, args.resamples), "csim_curve_seconds": bench.curve_seconds}
+               for name, rows in results.items()]
     about = describe(bench, args.resamples)
     out = Path(args.out)
     write_json(out / "drift.json", entries)
-    plot_curves(entries, mean_curve(real, real), out / "drift_curve.png")
+    plot_curves(entries, mean_curve(real, real), out / "drift_curve.png", bench.curve_seconds)
     write_csv(out / "drift_per_case.csv", per_case_rows(dict(results, real=real), bench.cases))
     (out / "drift.md").write_text(markdown(entries, about, time.perf_counter() - t0) + "\n")
     for e in entries:

@@ -95,7 +95,8 @@ def test_backfill_cli_and_ode_refuses_a_store_for_other_timesteps(world, tmp_pat
 
 def test_ode_context_reproduces_the_streaming_sampler_exactly():
     """Window x0 with build_cache (clean history = the sampler's emitted blocks) equals StreamingSampler's,
-    also with a noisy context (context_noise > 0: both draw the re-run noise from the stream's NoiseSource)."""
+    also with a noisy context (context_noise > 0: both draw the re-run noise from the stream's NoiseSource) and
+    without a style anchor, the reference starting the temporal cache (cache.reference_in_temporal)."""
     cfg = load_config("configs/train_ode_tiny.yaml")
     torch.manual_seed(0)
     model = random_dit(cfg, 3, head_std=0.1).eval()
@@ -106,7 +107,8 @@ def test_ode_context_reproduces_the_streaming_sampler_exactly():
     audio = torch.randn(1, 1 + nb * B, 256, generator=g)
     text = torch.randn(1, 8, 32, generator=g)
     for cache_kw in (dict(), dict(rope_reindex=False, zero_anchor_audio=False, context_noise=0),
-                     dict(context_noise=200.0), dict(context_noise=120.0, rerun_anchor="absolute")):
+                     dict(context_noise=200.0), dict(context_noise=120.0, rerun_anchor="absolute"),
+                     dict(style_anchor=False, reference_in_temporal=True)):   # a causal model's cache, no anchor
         cc = CacheConfig(**{**CacheConfig.from_config(cfg.cache).__dict__, **cache_kw})
         noise = NoiseSource(5)
         sampler = StreamingSampler(model, sch, cc, ref, text, audio=lambda s, e: audio[:, s:e], noise=noise, num_blocks=nb)

@@ -265,15 +265,22 @@ def test_drift_script_runs_a_trained_baseline_arm(tmp_path):
     nets = tmp_path / "nets.pt"
     MetricNets.random().save(nets)
     args = ["--cases", "2", "--seconds", "1.5", "--metric-nets", str(nets), "--run", str(tmp_path / "run"),
-            "--out", str(tmp_path / "out"), "--resamples", "2000", "--baseline",
-            str(_run_export(tmp_path / "self_forcing" / "export" / "model.pt"))]
+            "--out", str(tmp_path / "out"), "--resamples", "2000", "--curve-seconds", "0.6", "--baseline",
+            str(_run_export(tmp_path / "self_forcing" / "export" / "model.pt")), "--anchor-free-baseline",
+            str(_run_export(tmp_path / "self_forcing_anchor_free" / "export" / "model.pt"))]
     assert _script("world_drift").main(args) == 0
     entries = json.loads((tmp_path / "out" / "drift.json").read_text())
-    arms = _script("world_drift").drift_arms(args[-1])
-    assert [e["arm"] for e in entries] == [a.name for a in arms]
-    assert all("inference.use_ema=true" in a.overrides for a in arms if a.checkpoint)     # the baseline's EMA
+    arms = _script("world_drift").drift_arms(args[-3], args[-1])
+    assert [e["arm"] for e in entries] == [a.name for a in arms] and len(arms) == 5
+    assert all("inference.use_ema=true" in a.overrides for a in arms if a.checkpoint)     # the baselines' EMA
+    free = set(arms[-1].overrides)                               # run as trained: L = 1, no anchor, ref in the cache
+    assert {"cache.style_anchor=false", "cache.reference_in_temporal=true", "schedule.steps=[1000]"} <= free
     for e in entries:
         assert e["n_cases"] == 2 and e["ci_low"] <= e["drift"] <= e["ci_high"] and e["drifts"] == (e["ci_low"] > 0)
-        assert len(e["csim_curve"]) == 1 and -1 <= e["csim_curve"][0] <= 1     # 1.5 s: one 10-s segment
+        assert len(e["csim_curve"]) == 3 and all(-1 <= v <= 1 for v in e["csim_curve"])   # 1.5 s: 15, 15, the rest
+        assert e["csim_curve_seconds"] == 0.6
     assert (tmp_path / "out" / "drift_curve.png").stat().st_size > 0
     assert _script("world_drift").main(args[:-1] + [str(tmp_path / "missing.pt")]) == 1
+    assert _script("world_drift").main(args[:-3] + [str(tmp_path / "missing.pt")] + args[-2:]) == 1
+    assert _script("world_drift").main(args + ["--curve-seconds", "0"]) == 1
+    assert _script("world_drift").main(args + ["--case-seed", "0"]) == 1            # the training world's seed

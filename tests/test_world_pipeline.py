@@ -5,8 +5,8 @@ import pytest
 
 from avatarforcing import AvatarForcingError
 from avatarforcing.config import load_config
-from avatarforcing.world.pipeline import (BASELINE_STAGES, COMPARISON_STAGES, STAGES, grid_cells, grid_stages,
-                                          run_pipeline)
+from avatarforcing.world.pipeline import (ANCHOR_FREE_STAGES, BASELINE_STAGES, COMPARISON_STAGES, STAGES, grid_cells,
+                                          grid_stages, run_pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,10 @@ def fast_run(tmp_path_factory):
 def test_every_stage_runs_and_exports(fast_run):
     run, cfg, state, messages = fast_run
     grid = ("ode_2x2", "dmd_2x2", "backfill_ln2", "ode_1x2", "dmd_1x2")         # fast.yaml: world.grid=[2x2, 1x2]
-    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + grid
+    every = STAGES + BASELINE_STAGES + ANCHOR_FREE_STAGES + COMPARISON_STAGES + grid
     assert [s for s in every if state.get(s, {}).get("done")] == list(every)
     for stage in ("teacher", "ode_student", "dmd", "causal_ode", "self_forcing", "dmd_window", "ode_2x2", "dmd_2x2",
-                  "ode_1x2", "dmd_1x2"):
+                  "ode_1x2", "dmd_1x2", *ANCHOR_FREE_STAGES):
         assert (run / stage / "export" / "model.pt").is_file()
     assert (run / "codec.pt").is_file() and (run / "metric_nets.pt").is_file()
     assert json.loads((run / "state.json").read_text())["dmd"]["done"] is True
@@ -47,6 +47,14 @@ def test_every_stage_runs_and_exports(fast_run):
     assert len(stored) == 2 and stored == pytest.approx(WindowSchedule.from_config(c.schedule).timesteps, abs=1e-4)
     grad_blocks = {s: OmegaConf.load(run / s / "config.yaml").dmd.grad_blocks for s in ("dmd", "dmd_window")}
     assert grad_blocks == {"dmd": "emitted", "dmd_window": "window"}
+    # the anchor-free baselines: L = 1 on the causal store, neither anchor, the reference as first temporal frame
+    for stage, anchored in (("causal_ode", True), ("self_forcing", True), ("causal_ode_anchor_free", False),
+                            ("self_forcing_anchor_free", False)):
+        c = OmegaConf.load(run / stage / "config.yaml")
+        assert (c.schedule.steps, c.data.ode, c.cache.style_anchor, c.cache.reference_in_temporal) == (
+            [1000], str(run / "ode_causal"), anchored, not anchored), stage
+    assert OmegaConf.load(run / "self_forcing_anchor_free" / "config.yaml").dmd.generator == str(
+        run / "causal_ode_anchor_free" / "export" / "model.pt")
 
 
 def test_second_call_resumes_without_redoing_work(fast_run):

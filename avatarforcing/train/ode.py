@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import AvatarForcingError
 from ..schedule import StreamStep, WindowSchedule, flow_to_x0
-from ..stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, write_temporal
+from ..stream_state import CacheConfig, NoiseSource, StreamCache, prefill_anchor, seed_temporal, write_temporal
 from ..units import block_latent_frames, stable_seed
 from . import data as D
 from .roles import build_dit
@@ -165,6 +165,8 @@ def build_cache(model, cache_cfg: CacheConfig, schedule: WindowSchedule, ref: to
 
     if cache_cfg.style_anchor:
         prefill_anchor(model, cache, ref)
+    if cache_cfg.reference_in_temporal:
+        seed_temporal(model, cache, ref)     # the reference as latent frame 0 of a history that starts at block 0
     for b in range(start, first_block):
         f0, f1 = block_latent_frames(b, B)
         if cache_cfg.style_anchor and anchor_audio:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import AvatarForcingError
 from ..ablations import resolve_config, rollout_student, write_json
-from .evaluate import Case, evaluate_variant, real_feature_stats
+from .evaluate import CURVE_SECONDS, Case, evaluate_variant, real_feature_stats
 from .layout import RunLayout
 from ..stats import RESAMPLES, column, compare
 from ..units import LATENT_STRIDE
@@ -109,7 +109,7 @@ def build_pipe(cfg, checkpoint, overrides: Sequence[str] = ()):
 
 def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], nets, cache_dir=None, seed: int = 0,
                   tail_seconds: float = 10.0, baseline: str | None = None,
-                  log: Callable | None = print) -> dict[str, dict[int, dict]]:
+                  log: Callable | None = print, curve_seconds: float = CURVE_SECONDS) -> dict[str, dict[int, dict]]:
     """Every arm on every case -> {arm name: {case index: evaluate_video metrics + rollout_seconds}}.
 
     ``cfg``: a config path or loaded config (the student's); ``checkpoint``: its weights; FID's reference
@@ -151,7 +151,8 @@ def evaluate_arms(cfg, checkpoint, arms: Sequence[Arm], cases: Sequence[Case], n
             t0 = time.perf_counter()
             frames, spf = rollout(arm, case)
             t1 = time.perf_counter()
-            metrics = evaluate_variant(frames, case, nets, real_feats, tail_seconds, spf, seam_period=seam_period)
+            metrics = evaluate_variant(frames, case, nets, real_feats, tail_seconds, spf, seam_period=seam_period,
+                                       curve_seconds=curve_seconds)
             metrics.update(rollout_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
             if baseline is not None:
                 if arm.name == baseline:
@@ -234,12 +235,17 @@ class Bench:
                  log: Callable | None = print) -> dict[str, dict[int, dict]]:
         return evaluate_arms(self.cfg, self.checkpoint, arms, self.cases, self.nets, self.cache_dir,
                              seed=self.settings["seed"], tail_seconds=self.settings["tail_seconds"],
-                             baseline=baseline, log=log)
+                             baseline=baseline, log=log, curve_seconds=self.curve_seconds)
+
+    @property
+    def curve_seconds(self) -> float:
+        """The span of each point of the results' ``csim_curve`` (seconds)."""
+        return float(self.settings.get("curve_seconds", CURVE_SECONDS))
 
 
 def open_bench(config, checkpoint=None, run="runs/controls", cases: int = 10, seconds: float = 20.0, seed: int = 0,
                case_seed: int | None = None, tail_seconds: float = 10.0, metric_nets=None, threads: int = 1,
-               progress: Callable = print) -> Bench:
+               progress: Callable = print, curve_seconds: float = CURVE_SECONDS) -> Bench:
     """The student of ``config`` (weights: ``checkpoint``, default ``inference.checkpoint``), the metric nets
     (``metric_nets``, default ``RUN/metric_nets.pt``, trained if absent: :func:`metric_nets_for`), ``cases``
     held-out cases of ``seconds``, and the cache folder ``RUN/cache/<fingerprint of the settings>``."""
@@ -264,6 +270,8 @@ def open_bench(config, checkpoint=None, run="runs/controls", cases: int = 10, se
                 "frames": held[0].num_frames, "case_world_seed": case_seed, "world_version": version,
                 "clip_seeds": [c.seed for c in held],
                 "seed": int(seed), "tail_seconds": float(tail_seconds)}
+    if float(curve_seconds) != CURVE_SECONDS:          # only then, so that benches cached before it keep their folder
+        settings["curve_seconds"] = float(curve_seconds)
     return Bench(cfg, str(ckpt), nets, held, settings, Path(run) / "cache" / fingerprint(settings))
 
 

@@ -2,6 +2,8 @@
 
     data -> codec -> shards -> teacher -> backfill -> ode -> dmd -> metric_nets -> evaluate [-> ship]
     [world.baselines: causal_backfill -> causal_ode -> self_forcing (Table 6's one-step causal baselines)]
+    [world.anchor_free_baselines: [causal_backfill ->] causal_ode_anchor_free -> self_forcing_anchor_free (the same
+     baselines trained without anchors, the reference only as their first temporal frame: a plain causal model)]
     [world.dmd_window: dmd_window (DMD with dmd.grad_blocks=window, to compare with the emitted-block default)]
     [world.grid: [backfill_ln<L*N> ->] ode_LxN -> dmd_LxN per Table 3 cell B_{L,N}, each trained with its own ODE + DMD]
 
@@ -27,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import AvatarForcingError
+from ..ablations import NO_STYLE_ANCHOR
 from ..config import REPO_ROOT, apply_overrides, resolve_path
 from .layout import RunLayout
 
@@ -37,6 +40,12 @@ STAGES = ("data", "codec", "shards", "teacher", "backfill", "ode", "dmd", "metri
 # but with L = 1 (one level, t = 1000, no look-ahead): causal ODE regression, then DMD on it (Self-Forcing 1-step).
 BASELINE_STAGES = ("causal_backfill", "causal_ode", "self_forcing")
 CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
+# Optional (world.anchor_free_baselines=true): the causal baselines trained and run as a plain causal model is, with
+# neither anchor: the reference is the first frame of the temporal cache and leaves it with the budget, so identity
+# can only be carried forward through the model's own recent frames (the long-horizon failure the anchors target).
+# The anchored baselines above are the paper's comparison at equal conditioning; these test the failure itself.
+ANCHOR_FREE_STAGES = ("causal_ode_anchor_free", "self_forcing_anchor_free")
+NO_ANCHORS = tuple(NO_STYLE_ANCHOR)
 # Optional (world.dmd_window=true): the same DMD stage with the loss on every block of the chosen window
 # (dmd.grad_blocks=window) instead of the emitted block only, from the same teacher and ODE student.
 COMPARISON_STAGES = ("dmd_window",)
@@ -245,17 +254,26 @@ def stage_causal_backfill(run: Run) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float, str, list))}
 
 
-def stage_causal_ode(run: Run) -> dict:
+def stage_causal_ode(run: Run, name: str = "causal_ode", extra=()) -> dict:
     from ..train.ode import ODEStage
-    return _train(run, ODEStage, "causal_ode", "ode_overrides", [
-        f"train.init={run.export('teacher')}", "train.init_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}"])
+    return _train(run, ODEStage, name, "ode_overrides", [
+        f"train.init={run.export('teacher')}", "train.init_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}",
+        *extra])
 
 
-def stage_self_forcing(run: Run) -> dict:
+def stage_self_forcing(run: Run, name: str = "self_forcing", generator: str = "causal_ode", extra=()) -> dict:
     from ..train.dmd import DMDStage
-    return _train(run, DMDStage, "self_forcing", "dmd_overrides", [
-        f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true", f"dmd.generator={run.export('causal_ode')}",
-        "dmd.generator_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}"])
+    return _train(run, DMDStage, name, "dmd_overrides", [
+        f"dmd.teacher={run.export('teacher')}", "dmd.teacher_ema=true", f"dmd.generator={run.export(generator)}",
+        "dmd.generator_ema=true", *CAUSAL, f"data.ode={run.ode_causal_store}", *extra])
+
+
+def stage_causal_ode_anchor_free(run: Run) -> dict:
+    return stage_causal_ode(run, "causal_ode_anchor_free", NO_ANCHORS)
+
+
+def stage_self_forcing_anchor_free(run: Run) -> dict:
+    return stage_self_forcing(run, "self_forcing_anchor_free", "causal_ode_anchor_free", NO_ANCHORS)
 
 
 def metric_backend_name(version: int) -> str:
@@ -268,6 +286,7 @@ STAGE_FUNCS: dict[str, Callable[[Run], dict]] = {
     "data": stage_data, "codec": stage_codec, "shards": stage_shards, "teacher": stage_teacher,
     "backfill": stage_backfill, "ode": stage_ode, "dmd": stage_dmd, "metric_nets": stage_metric_nets,
     "evaluate": stage_evaluate, "dmd_window": stage_dmd_window,
+    "causal_ode_anchor_free": stage_causal_ode_anchor_free, "self_forcing_anchor_free": stage_self_forcing_anchor_free,
 }
 
 
@@ -311,9 +330,11 @@ def run_pipeline(cfg: DictConfig, stages=None, progress=print) -> dict:
     run = Run(cfg)
     OmegaConf.save(cfg, run.config_path)
     grid = grid_stages(grid_cells(cfg), len(cfg.schedule.steps or []))
-    every = STAGES + BASELINE_STAGES + COMPARISON_STAGES + grid
-    order = (STAGES + (BASELINE_STAGES if cfg.world.baselines else ())
-             + (COMPARISON_STAGES if cfg.world.dmd_window else ()) + grid)
+    every = STAGES + BASELINE_STAGES + ANCHOR_FREE_STAGES + COMPARISON_STAGES + grid
+    causal = BASELINE_STAGES if cfg.world.baselines else ()
+    if cfg.world.anchor_free_baselines:          # they train on the causal backfill's store
+        causal = tuple(dict.fromkeys(causal + ("causal_backfill",) + ANCHOR_FREE_STAGES))
+    order = STAGES + causal + (COMPARISON_STAGES if cfg.world.dmd_window else ()) + grid
     wanted = list(stages or order)
     unknown = [s for s in wanted if s not in every]
     if unknown:
