@@ -11,8 +11,9 @@ Arms (every one on the same --cases held-out identities of --seconds, same noise
   * the shipped student (B_{4,1}, both anchors), and the same student without its anchors;
   * the trained one-step causal baseline (Self-Forcing 1-step, L = 1, the world pipeline's ``self_forcing`` stage,
     --baseline), with and without anchors: "strictly causal, no anchors" is the failure the paper fixes;
-  * the causal baseline trained without anchors (--anchor-free-baseline, the pipeline's ``self_forcing_anchor_free``
-    stage, world.anchor_free_baselines=true), run as it was trained: the reference is its first temporal frame, and
+  * the causal baseline trained without the style anchor, keeping only its cache of recent frames
+    (--anchor-free-baseline, the pipeline's ``self_forcing_anchor_free`` stage, world.anchor_free_baselines=true), run
+    as it was trained: the reference is its first temporal frame, and
     from then on identity lives only in its own recent frames.  The baseline above was trained with the style anchor,
     so without it at inference it runs outside its training; this one is a plain causal model.
 

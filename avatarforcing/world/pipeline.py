@@ -41,11 +41,11 @@ STAGES = ("data", "codec", "shards", "teacher", "backfill", "ode", "dmd", "metri
 BASELINE_STAGES = ("causal_backfill", "causal_ode", "self_forcing")
 CAUSAL = ("schedule.steps=[1000]", "schedule.window_blocks=null")
 # Optional (world.anchor_free_baselines=true): the causal baselines trained and run as a plain causal model is, with
-# neither anchor: the reference is the first frame of the temporal cache and leaves it with the budget, so identity
-# can only be carried forward through the model's own recent frames (the long-horizon failure the anchors target).
-# The anchored baselines above are the paper's comparison at equal conditioning; these test the failure itself.
+# no style anchor and only its rolling cache of recent frames (the temporal cache, 2 latent frames): the reference is
+# the first frame of that cache and leaves it with the budget, so identity can only be carried forward through the
+# model's own recent frames (the long-horizon failure the anchors target).  The anchored baselines above are the
+# paper's comparison at equal conditioning; these test the failure itself.
 ANCHOR_FREE_STAGES = ("causal_ode_anchor_free", "self_forcing_anchor_free")
-NO_ANCHORS = tuple(NO_STYLE_ANCHOR)
 # Optional (world.dmd_window=true): the same DMD stage with the loss on every block of the chosen window
 # (dmd.grad_blocks=window) instead of the emitted block only, from the same teacher and ODE student.
 COMPARISON_STAGES = ("dmd_window",)
@@ -269,11 +269,11 @@ def stage_self_forcing(run: Run, name: str = "self_forcing", generator: str = "c
 
 
 def stage_causal_ode_anchor_free(run: Run) -> dict:
-    return stage_causal_ode(run, "causal_ode_anchor_free", NO_ANCHORS)
+    return stage_causal_ode(run, "causal_ode_anchor_free", NO_STYLE_ANCHOR)
 
 
 def stage_self_forcing_anchor_free(run: Run) -> dict:
-    return stage_self_forcing(run, "self_forcing_anchor_free", "causal_ode_anchor_free", NO_ANCHORS)
+    return stage_self_forcing(run, "self_forcing_anchor_free", "causal_ode_anchor_free", NO_STYLE_ANCHOR)
 
 
 def metric_backend_name(version: int) -> str:
