@@ -27,7 +27,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _bench_stage(stage: str, steps: int, warmup: int, threads: int, queue) -> None:
+def bench_stage(stage: str, config: str, overrides: list, steps: int, warmup: int, threads: int, queue) -> None:
+    """Time ``steps`` training steps (after ``warmup``) of ``stage`` ("teacher" | "ode" | "dmd") of ``config`` +
+    ``overrides`` on synthetic samples, with a random teacher; put the figures on ``queue``.  Run it in a fresh
+    process (:func:`run_stage`) so that the peak RSS is the stage's own."""
     import torch
     torch.set_num_threads(threads)
     from avatarforcing.config import load_config
@@ -40,7 +43,7 @@ def _bench_stage(stage: str, steps: int, warmup: int, threads: int, queue) -> No
         tmp = Path(tmp)
         over = [f"data.shards={tmp / 'shards'}", f"data.ode={tmp / 'ode'}", f"ode.teacher={tmp / 'teacher.pt'}",
                 f"dmd.teacher={tmp / 'teacher.pt'}", f"train.output_dir={tmp / 'run'}", "train.progress=false"]
-        cfg = load_config(str(ROOT / CONFIGS[stage]), over)
+        cfg = load_config(str(ROOT / config), list(overrides) + over)
         write_clip_samples(cfg, tmp / "shards", 4)
         write_checkpoint(random_dit(cfg, 0), tmp / "teacher.pt")
         extra = {}
@@ -58,12 +61,23 @@ def _bench_stage(stage: str, steps: int, warmup: int, threads: int, queue) -> No
             st.train_step(step)
             if step > warmup:
                 times.append(time.perf_counter() - t0)
-        queue.put({"stage": stage, "config": CONFIGS[stage], "threads": threads, "steps": steps,
+        queue.put({"stage": stage, "config": config, "threads": threads, "steps": steps,
                    "step_s_median": statistics.median(times), "step_s_min": min(times),
                    "peak_rss_mb": _rss_mb(), "baseline_rss_mb": base,
-                   "batch_size": int(cfg.train.batch_size), "latent": [16, 1 + int(cfg.data.clip_blocks) * int(cfg.schedule.block_frames),
+                   "batch_size": int(cfg.train.batch_size), "latent": [int(cfg.vae.z_dim), 1 + int(cfg.data.clip_blocks) * int(cfg.schedule.block_frames),
                                                                         int(cfg.data.height) // 8, int(cfg.data.width) // 8],
                    **({"critic_updates": int(cfg.dmd.critic_updates)} if stage == "dmd" else {}), **extra})
+
+
+def run_stage(stage: str, config: str, overrides: list, steps: int, warmup: int, threads: int) -> dict:
+    """:func:`bench_stage` in a spawned process; its figures."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=bench_stage, args=(stage, config, list(overrides), steps, warmup, threads, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
 
 
 def main(argv=None) -> int:
@@ -77,15 +91,9 @@ def main(argv=None) -> int:
     from avatarforcing.model import PRESETS
     from avatarforcing.train.memory import dmd_memory
 
-    ctx = mp.get_context("spawn")
     results = {"cpu_stages": [], "dmd_1.3b_memory": {}}
     for stage in args.stages.split(","):
-        q = ctx.Queue()
-        p = ctx.Process(target=_bench_stage, args=(stage, args.steps, args.warmup, args.threads, q))
-        p.start()
-        res = q.get()
-        p.join()
-        results["cpu_stages"].append(res)
+        results["cpu_stages"].append(run_stage(stage, CONFIGS[stage], [], args.steps, args.warmup, args.threads))
     cfg = PRESETS["wan2.1-1.3b"]
     results["dmd_1.3b_memory"]["1_gpu"] = dmd_memory(cfg, world=1, fsdp=False)
     results["dmd_1.3b_memory"]["fsdp_8_gpus"] = dmd_memory(cfg, world=8, fsdp=True)

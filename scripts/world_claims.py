@@ -1,8 +1,8 @@
 """The paper's claims that the shipped student alone can test, with paired-bootstrap verdicts.
 
     python scripts/world_claims.py [--config configs/demo.yaml] [--checkpoint PATH] [--run runs/controls]
-        [--out results/world] [--cases 10] [--seconds 20] [--seed 0] [--resamples 10000] [--metric-nets PATH]
-        [--dmd-window PATH] [--grid-run RUN]
+        [--out results/world] [--cases 10] [--seconds 20] [--seed 0] [--case-seed 10000] [--resamples 10000]
+        [--metric-nets PATH] [--dmd-window PATH] [--grid-run RUN]
 
 One model, at inference: the shipped B_{4,1}-trained DMD student (assets/demo/model.pt).  Every ablated arm is
 that same student run with a cache switch or another window schedule, with the overrides of

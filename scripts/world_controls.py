@@ -1,12 +1,13 @@
 """Positive controls: can the synthetic world's bench see defects planted on purpose in the shipped student?
 
     python scripts/world_controls.py [--config configs/demo.yaml] [--checkpoint PATH] [--run runs/controls]
-        [--out results/world] [--cases 10] [--seconds 20] [--seed 0] [--resamples 10000] [--metric-nets PATH]
+        [--out results/world] [--cases 10] [--seconds 20] [--seed 0] [--case-seed 10000] [--resamples 10000]
+        [--metric-nets PATH]
 
 The shipped student (configs/demo.yaml, assets/demo/model.pt) is rolled out clean and under each control of
 avatarforcing/world/controls.py (wrong RoPE positions of the temporal cache, context noise at t = 1000, a style
 anchor from another identity, audio shifted by 0.5 s, the same noise at every re-noising) on --cases held-out
-identities (world seed 10_000, never used in training) of --seconds each, with the same noise seed.  Each control
+identities (world seed 10_000, never used in training; --case-seed gives others) of --seconds each, with the same noise seed.  Each control
 names a-priori the metric it should hurt; the paired bootstrap (avatarforcing/stats.py) gives the mean
 per-case harm on it with a 95 % CI, and the control is detected when the CI lies above 0.
 
@@ -35,6 +36,7 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.world.bench import (Arm, comparison_entry, effects_table, mean_pixel_change,  # noqa: E402
                                        open_bench, per_case_rows)
 from avatarforcing.world.controls import controls  # noqa: E402
+from avatarforcing.world.evaluate import HELD_OUT_WORLD_SEED  # noqa: E402
 from avatarforcing.ablations import write_csv, write_json  # noqa: E402
 from avatarforcing.stats import RESAMPLES  # noqa: E402
 
@@ -50,6 +52,8 @@ def bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=10, help="held-out identities (>= 8 for the results)")
     p.add_argument("--seconds", type=float, default=20.0, help="rollout length per case")
     p.add_argument("--seed", type=int, default=0, help="noise seed of every rollout")
+    p.add_argument("--case-seed", type=int, default=HELD_OUT_WORLD_SEED,
+                   help="world seed of the held-out cases (another one gives other identities: a replication)")
     p.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (>= 2000)")
     p.add_argument("--metric-nets", default=None, help="default: RUN/metric_nets.pt (trained if absent)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -63,7 +67,7 @@ def open_from_args(args):
     if args.cases < 8:
         print(f"note: {args.cases} cases; the published results use >= 8", file=sys.stderr)
     return open_bench(args.config, args.checkpoint, args.run, args.cases, args.seconds, args.seed,
-                      metric_nets=args.metric_nets, threads=args.threads)
+                      case_seed=args.case_seed, metric_nets=args.metric_nets, threads=args.threads)
 
 
 def describe(bench, resamples: int) -> str:

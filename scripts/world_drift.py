@@ -43,7 +43,7 @@ from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import NO_STYLE_ANCHOR as ABLATION_NO_STYLE_ANCHOR, write_csv, write_json  # noqa: E402
 from avatarforcing.stats import bootstrap_mean_ci, higher_is_better, verdict  # noqa: E402
 from avatarforcing.world.bench import Arm, open_bench, per_case_rows  # noqa: E402
-from avatarforcing.world.evaluate import (CURVE_SECONDS, HELD_OUT_WORLD_SEED, evaluate_variant,  # noqa: E402
+from avatarforcing.world.evaluate import (CURVE_SECONDS, evaluate_variant,  # noqa: E402
                                           real_feature_stats)
 from avatarforcing.world.pipeline import CAUSAL  # noqa: E402
 from world_controls import cli, describe  # noqa: E402
@@ -133,8 +133,6 @@ def main(argv=None) -> int:
                        help="the causal L=1 baseline trained without anchors (RUN/self_forcing_anchor_free/export/model.pt)")
         p.add_argument("--curve-seconds", type=float, default=CURVE_SECONDS,
                        help="the span of each point of the CSIM curve (csim_curve, drift_curve.png)")
-        p.add_argument("--case-seed", type=int, default=HELD_OUT_WORLD_SEED,
-                       help="world seed of the held-out cases (another one gives other identities: a replication)")
         p.add_argument("--tail", type=float, default=None, help="'Last' seconds (default: a sixth of --seconds)")
     return cli(_main, __doc__, argv, extra)
 

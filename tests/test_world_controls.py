@@ -188,7 +188,7 @@ def test_scripts_write_controls_and_claims(tmp_path):
     for e in entries:
         assert {"control", "metric", "effect", "ci_low", "ci_high", "detected", "n_cases"} <= set(e)
         assert e["n_cases"] == 2 and e["detected"] == (e["ci_low"] > 0) and e["ci_low"] <= e["effect"] <= e["ci_high"]
-        assert e["video_change"] > 0
+        assert e["video_change"] > 0 and "(world seed 10000)" in e["bench"]
     rows = list(csv.DictReader(open(tmp_path / "out" / "controls_per_case.csv")))
     assert len(rows) == 6 * 2 and "fid_total" in rows[0]
     assert "| control | metric |" in (tmp_path / "out" / "controls.md").read_text()
@@ -204,6 +204,7 @@ def test_scripts_write_controls_and_claims(tmp_path):
     cache = next((tmp_path / "run" / "cache").iterdir())
     assert len(list(cache.iterdir())) == 1 + len(controls()) + len(claims_script.claim_arms(CKPT)) - 2
     assert _script("world_controls").main(args + ["--cases", "1"]) == 1          # a one-line error
+    assert _script("world_controls").main(args + ["--case-seed", "0"]) == 1      # the training world's seed
     # --dmd-window adds the item-3 claim: a second trained student (here an export whose EMA is the demo) against
     # the shipped one; the arm reads the export's EMA weights, as the shipped student is its run's EMA
     window = _run_export(tmp_path / "dmd_window" / "export" / "model.pt")

@@ -117,3 +117,29 @@ def test_codec_from_copies_a_trained_codec(fast_run, tmp_path):
         with pytest.raises(AvatarForcingError, match=message):
             run_pipeline(bad, ["codec"], progress=lambda *_: None)
         assert not (tmp_path / "bad" / "codec.pt").exists()
+
+
+def test_scale_bench_variants_are_the_configs_they_name():
+    """scripts/bench_world_scale.py times the world pipeline at 128x128: each variant must load (with every stage's
+    overrides) and build the DiT its name describes, or the bench would time something else."""
+    import importlib.util
+    import re
+    from pathlib import Path
+    from avatarforcing.model import build_model
+    from avatarforcing.train.synthetic import clip_shape
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("bench_world_scale", root / "scripts" / "bench_world_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert not list(bench.VARIANTS.values())[0]                  # the first one is the trained world, as it is
+    for name, overrides in bench.VARIANTS.items():
+        size, ch, patch, dim, tokens = map(int, re.match(
+            r"(\d+)x\d+, (\d+) ch, (\d)x\d patches, dim (\d+)(?: \((\d+) tokens/frame\))?", name).groups(
+            default="16"))
+        for stage in bench.STAGES:
+            cfg = load_config(str(root / bench.CONFIG), overrides + bench.stage_overrides(stage))
+            assert clip_shape(cfg) == (ch, 21, size // 8, size // 8)
+        model = build_model(cfg.model)
+        assert model.patch_embedding.in_channels == 2 * ch + 1 and model.head.head.out_features == ch * patch ** 2
+        assert model.patch_embedding.out_channels == dim and (size // 8 // patch) ** 2 == tokens
+    assert bench.pipeline_steps("teacher") == 1500 and bench.pipeline_steps("dmd") == 200

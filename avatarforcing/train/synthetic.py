@@ -16,7 +16,7 @@ from . import data as D
 def clip_shape(cfg) -> tuple[int, int, int, int]:
     """(C, F, h, w) of a clip sample for the config (data.clip_blocks, schedule.block_frames, data.height/width)."""
     frames = 1 + int(cfg.data.clip_blocks) * int(cfg.schedule.block_frames)
-    return 16, frames, int(cfg.data.height) // 8, int(cfg.data.width) // 8
+    return int(cfg.vae.z_dim), frames, int(cfg.data.height) // 8, int(cfg.data.width) // 8
 
 
 def random_clip(cfg, generator: torch.Generator) -> dict[str, torch.Tensor]:
