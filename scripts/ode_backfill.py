@@ -7,41 +7,29 @@
 The stored timesteps are WindowSchedule.from_config(schedule).timesteps; the teacher's sigma grid
 (ode.teacher_steps, ode.teacher_shift) is built to contain them exactly.  Resumable (done samples skipped).
 """
-import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from avatarforcing import AvatarForcingError  # noqa: E402
-
 
 def main(argv=None) -> int:
-    from avatarforcing.train.data import sharded_job_parser
+    from avatarforcing.train.data import run_sharded_job, sharded_job_parser
     ap = sharded_job_parser(__doc__)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda:$LOCAL_RANK when available)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def job(cfg, rank, world):
         import os
 
         import torch
 
-        from avatarforcing.config import load_config
-        from avatarforcing.train.data import dist_rank_world
         from avatarforcing.train.ode import backfill
-        cfg = load_config(args.config, args.overrides)
-        rank, world = dist_rank_world(args.rank, args.world)
         device = args.device
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-        stats = backfill(cfg, rank, world, device=device, progress=not args.no_progress)
-    except AvatarForcingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(stats))
-    return 0
+        return backfill(cfg, rank, world, device=device, progress=not args.no_progress)
+    return run_sharded_job(args, job)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from avatarforcing.world.layout import MODEL_DIRS, RunLayout  # noqa: E402
 from avatarforcing.world.pipeline import GRID_CELL, cell_overrides  # noqa: E402
 from avatarforcing.ablations import grid_name, table_variants  # noqa: E402
 from avatarforcing.schedule import WindowSchedule  # noqa: E402
-from world_controls import cli, describe, open_from_args, report, write_results  # noqa: E402
+from world_controls import cli, describe, open_from_args, report, require_trained, write_results  # noqa: E402
 
 GRID = ((1, 2, 4), (1, 2, 4))
 FULL = "AvatarForcing"      # the shipped student as shipped (scripts/world_ablations.py's Table 4 name)
@@ -139,9 +139,7 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     t0 = time.perf_counter()
-    if args.dmd_window and not Path(args.dmd_window).is_file():
-        raise AvatarForcingError(f"--dmd-window {args.dmd_window} not found; train it with the world pipeline "
-                                 "(world.dmd_window=true) or leave --dmd-window out")
+    require_trained(args.dmd_window, "--dmd-window", "world.dmd_window=true")
     grid_arms, grid = grid_claims(args.grid_run) if args.grid_run else ({}, ())
     bench = open_from_args(args)
     arms = claim_arms(bench.checkpoint)

@@ -60,14 +60,28 @@ def bench_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def open_from_args(args):
-    torch.set_num_threads(args.threads)
+def check_args(args) -> None:
+    """The bench arguments' one-line errors, before any work."""
     if args.cases < 2 or args.seconds <= 0:
         raise AvatarForcingError("--cases must be >= 2 (the statistics are paired over cases) and --seconds > 0")
+
+
+def require_trained(path, option: str, switch: str) -> None:
+    """A one-line error when the trained model passed as ``option`` is missing (``switch``: the world pipeline's
+    setting that trains it)."""
+    if path and not Path(path).is_file():
+        raise AvatarForcingError(f"{option} {path} not found; train it with the world pipeline ({switch}) or leave "
+                                 f"{option} out")
+
+
+def open_from_args(args, **settings):
+    """The bench of the parsed arguments (``settings``: more of open_bench's keywords, e.g. tail_seconds)."""
+    check_args(args)
+    torch.set_num_threads(args.threads)
     if args.cases < 8:
         print(f"note: {args.cases} cases; the published results use >= 8", file=sys.stderr)
     return open_bench(args.config, args.checkpoint, args.run, args.cases, args.seconds, args.seed,
-                      case_seed=args.case_seed, metric_nets=args.metric_nets, threads=args.threads)
+                      case_seed=args.case_seed, metric_nets=args.metric_nets, threads=args.threads, **settings)
 
 
 def describe(bench, resamples: int) -> str:

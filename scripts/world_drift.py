@@ -37,16 +37,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from avatarforcing import AvatarForcingError  # noqa: E402
 from avatarforcing.ablations import NO_STYLE_ANCHOR as ABLATION_NO_STYLE_ANCHOR, write_csv, write_json  # noqa: E402
 from avatarforcing.stats import bootstrap_mean_ci, higher_is_better, verdict  # noqa: E402
-from avatarforcing.world.bench import Arm, open_bench, per_case_rows  # noqa: E402
+from avatarforcing.world.bench import Arm, per_case_rows  # noqa: E402
 from avatarforcing.world.evaluate import (CURVE_SECONDS, evaluate_variant,  # noqa: E402
                                           real_feature_stats)
 from avatarforcing.world.pipeline import CAUSAL  # noqa: E402
-from world_controls import cli, describe  # noqa: E402
+from world_controls import check_args, cli, describe, open_from_args, require_trained  # noqa: E402
 
 METRIC = "csim"                                   # judged on identity: the style anchor's claimed role
 METRICS = ("csim", "delta_e", "fid", "adj_feat", "sync_conf")
@@ -139,21 +138,13 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     t0 = time.perf_counter()
-    if args.baseline and not Path(args.baseline).is_file():
-        raise AvatarForcingError(f"--baseline {args.baseline} not found; train it with the world pipeline "
-                                 "(world.baselines=true) or leave --baseline out")
-    if args.anchor_free_baseline and not Path(args.anchor_free_baseline).is_file():
-        raise AvatarForcingError(f"--anchor-free-baseline {args.anchor_free_baseline} not found; train it with the world "
-                                 "pipeline (world.anchor_free_baselines=true) or leave --anchor-free-baseline out")
-    if args.cases < 2 or args.seconds <= 0:
-        raise AvatarForcingError("--cases must be >= 2 (the statistics are paired over cases) and --seconds > 0")
+    require_trained(args.baseline, "--baseline", "world.baselines=true")
+    require_trained(args.anchor_free_baseline, "--anchor-free-baseline", "world.anchor_free_baselines=true")
+    check_args(args)
     if not 0 < args.curve_seconds <= args.seconds:
         raise AvatarForcingError(f"--curve-seconds must be > 0 and at most --seconds ({args.seconds:g}); "
                                  f"got {args.curve_seconds:g}")
-    torch.set_num_threads(args.threads)
-    bench = open_bench(args.config, args.checkpoint, args.run, args.cases, args.seconds, args.seed,
-                       tail_seconds=float(args.tail or args.seconds / 6), metric_nets=args.metric_nets,
-                       threads=args.threads, curve_seconds=args.curve_seconds, case_seed=args.case_seed)
+    bench = open_from_args(args, tail_seconds=float(args.tail or args.seconds / 6), curve_seconds=args.curve_seconds)
     results = bench.evaluate(drift_arms(args.baseline, args.anchor_free_baseline))
     real_feats = real_feature_stats(bench.cases, bench.nets)
     real = {c.index: evaluate_variant(c.real_frames, c, bench.nets, real_feats, bench.settings["tail_seconds"],

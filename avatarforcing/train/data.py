@@ -315,6 +315,26 @@ def dist_rank_world(rank: int | None = None, world: int | None = None) -> tuple[
     return r, w
 
 
+def run_sharded_job(args, job) -> int:
+    """The body of a sharded data job's script: ``job(cfg, rank, world)`` on the config and the process of the parsed
+    :func:`sharded_job_parser` ``args``; prints its stats as JSON (exit 0), or an AvatarForcingError as one line
+    (exit 1)."""
+    import json
+    import logging
+    import sys
+    from ..config import load_config
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        rank, world = dist_rank_world(args.rank, args.world)
+        stats = job(cfg, rank, world)
+    except AvatarForcingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats))
+    return 0
+
+
 def sharded_job_parser(description: str):
     """Command line of the sharded data jobs (preprocess, ODE backfill): --config, --rank/--world, key=value."""
     import argparse
