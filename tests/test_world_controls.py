@@ -285,3 +285,24 @@ def test_drift_script_runs_a_trained_baseline_arm(tmp_path):
     assert _script("world_drift").main(args[:-3] + [str(tmp_path / "missing.pt")] + args[-2:]) == 1
     assert _script("world_drift").main(args + ["--curve-seconds", "0"]) == 1
     assert _script("world_drift").main(args + ["--case-seed", "0"]) == 1            # the training world's seed
+
+
+def test_rope_probe_shifts_the_cache_as_the_control_does(cases):
+    """scripts/world_rope_probe.py: rotating already-rotated keys by a frame offset (h = w = 0 angles) equals
+    rotating them at the shifted positions, as the wrong-RoPE control does; offset 0 changes nothing, and the
+    probe leaves the model's attention as it was."""
+    from avatarforcing import model as model_module
+    from avatarforcing.attention import RotaryEmbedding, apply_rope
+    rope, k = RotaryEmbedding(32), torch.randn(1, 2 * 4 * 4, 4, 32)
+    pos = torch.tensor([0, 1])
+    cos, sin = rope(torch.tensor([64]), 1, 1)
+    twice = apply_rope(apply_rope(k, *rope(pos, 4, 4)), cos.expand(len(k[0]), -1), sin.expand(len(k[0]), -1))
+    assert torch.allclose(twice, apply_rope(k, *rope(pos + 64, 4, 4)), atol=1e-5)
+
+    attention, context = model_module.attention, StreamCache.context
+    r = _script("world_rope_probe").probe_student(str(DEMO), CKPT, cases[:1], [0, 64])
+    assert model_module.attention is attention and StreamCache.context is context
+    zero, far = r["offsets"]["0"], r["offsets"]["64"]
+    assert r["calls"] > 0 and zero["tv"] < 1e-5
+    assert zero["cache_share_offset"] == pytest.approx(zero["cache_share"], abs=1e-5) and 0 < zero["cache_share"] < 1
+    assert far["tv"] > 1e-3 and far["cache_share"] == pytest.approx(zero["cache_share"])
