@@ -9,6 +9,7 @@ resident memory (ru_maxrss) is per stage; the baseline (imports, before the stag
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import resource
 import statistics
 import sys
@@ -75,7 +76,14 @@ def run_stage(stage: str, config: str, overrides: list, steps: int, warmup: int,
     q = ctx.Queue()
     p = ctx.Process(target=bench_stage, args=(stage, config, list(overrides), steps, warmup, threads, q))
     p.start()
-    res = q.get()
+    while True:                                       # a stage that dies (e.g. out of memory) must not hang the bench
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise SystemExit(f"error: the {stage} stage of {config} exited with code {p.exitcode} before "
+                                 "reporting; its traceback is above")
     p.join()
     return res
 
