@@ -89,6 +89,8 @@ def probe_student(config: str, checkpoint, cases, offsets, seed: int = 0) -> dic
     pipe = AvatarPipeline.from_config(resolve_config(config), checkpoint)
     probe = Probe(pipe.model.rope, offsets)
     context, attention = StreamCache.context, model_module.attention
+    self_attention = model_module.WanSelfAttention.forward       # the text cross-attention has its own forward
+    reading_cache = [False]                                       # inside a self-attention call with cache context
 
     def recording_context(self):
         kv, pos = context(self)
@@ -96,12 +98,20 @@ def probe_student(config: str, checkpoint, cases, offsets, seed: int = 0) -> dic
         probe.layout = (anchor, len(pos) - anchor)
         return kv, pos
 
+    def recording_self_attention(self, x, rope, ctx=None, mask=None):
+        reading_cache[0] = ctx is not None
+        try:
+            return self_attention(self, x, rope, ctx, mask)
+        finally:
+            reading_cache[0] = False
+
     def recording_attention(q, k, v, mask=None):
-        if k.shape[1] > q.shape[1] and probe.layout is not None and probe.layout[1] > 0:
+        if reading_cache[0] and probe.layout is not None and probe.layout[1] > 0:
             probe.record(q, k, mask)
         return attention(q, k, v, mask)
 
     with mock.patch.object(StreamCache, "context", recording_context), \
+            mock.patch.object(model_module.WanSelfAttention, "forward", recording_self_attention), \
             mock.patch.object(model_module, "attention", recording_attention), torch.no_grad():
         for case in cases:
             probe.layout = None

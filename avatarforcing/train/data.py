@@ -319,8 +319,6 @@ def run_sharded_job(args, job) -> int:
     """The body of a sharded data job's script: ``job(cfg, rank, world)`` on the config and the process of the parsed
     :func:`sharded_job_parser` ``args``; prints its stats as JSON (exit 0), or an AvatarForcingError as one line
     (exit 1)."""
-    import json
-    import logging
     import sys
     from ..config import load_config
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
